@@ -1,0 +1,23 @@
+"""Strategy registry: the CLI and the window list what is here; new strategies appear by being added."""
+
+from engine.errors import UserError
+from engine.strategies.base import Strategy, StrategyOption, ideal_speedup
+from engine.strategies.batchstep import BatchStepStrategy
+from engine.strategies.parastep import ParaStepStrategy
+from engine.strategies.sequential import SequentialStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (SequentialStrategy, ParaStepStrategy, BatchStepStrategy)
+}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise UserError(
+            f"Unknown strategy '{name}'.", f"Choose one of: {', '.join(sorted(STRATEGIES))}."
+        ) from None
+
+
+__all__ = ["STRATEGIES", "Strategy", "StrategyOption", "ideal_speedup", "strategy_class"]

@@ -1,0 +1,231 @@
+"""The headless command line: generate, compare, models, devices. Drives the same engine as the window."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from engine.errors import JobCancelled, UserError, WorkerFailure
+from engine.protocol import GenerationRequest, PreviewEvent, StageEvent, StepEvent
+
+
+def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="embedded model name, model folder or HF cache name")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--image", help="conditioning image (Stable Video Diffusion)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--fps", type=int)
+    parser.add_argument("--seconds", type=float, help="audio length")
+    parser.add_argument("--warmup", type=int, help="warm-up steps (parastep, batchstep)")
+    parser.add_argument("--lookahead", type=int, help="latents per batched call (batchstep)")
+    parser.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1,...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--output", help="clip file (.mp4 .gif .wav .flac) or folder")
+    parser.add_argument("--no-previews", action="store_true", help="do not render x0 previews")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.strategies import STRATEGIES
+
+    parser = argparse.ArgumentParser(
+        prog="parastep-studio",
+        description="Generate video and audio clips with diffusion models, step-parallel over GPUs or CPU workers.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="make one clip")
+    _add_request_options(generate)
+    generate.add_argument("--strategy", default="sequential", choices=sorted(STRATEGIES))
+    compare = commands.add_parser("compare", help="one request under several strategies, same seed")
+    _add_request_options(compare)
+    compare.add_argument("--strategies", required=True, help="NAME[@DEVICES][,NAME[@DEVICES]...]")
+    models = commands.add_parser("models", help="list the models found")
+    models.add_argument("--json", action="store_true")
+    models.add_argument("--folder", action="append", default=[], help="also look in this model folder")
+    devices = commands.add_parser("devices", help="list GPUs and CPU")
+    devices.add_argument("--json", action="store_true")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace, strategy: str = "sequential") -> GenerationRequest:
+    options = {
+        name: getattr(args, name) for name in ("warmup", "lookahead") if getattr(args, name) is not None
+    }
+    return GenerationRequest(
+        model=args.model,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        image=args.image,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        fps=args.fps,
+        seconds=args.seconds,
+        strategy=strategy,
+        strategy_options=options,
+        devices=args.devices,
+        output=args.output,
+    )
+
+
+class ProgressPrinter:
+    """One status line on stderr while a job runs (stages, step n/N, it/s)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.started: float | None = None
+
+    def __call__(self, event: Any) -> None:
+        if self.quiet:
+            return
+        import time
+
+        if isinstance(event, StageEvent):
+            print(f"\n[{event.stage}]", end="", file=sys.stderr, flush=True)
+        elif isinstance(event, StepEvent) and event.rank == 0:
+            now = time.perf_counter()
+            self.started = self.started or now
+            rate = event.step / (now - self.started) if now > self.started else 0.0
+            print(
+                f"\r[denoise] step {event.step + 1}/{event.total} {rate:5.1f} it/s", end="", file=sys.stderr
+            )
+        elif isinstance(event, PreviewEvent):
+            pass
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: an identical clip's PSNR/SNR prints as the string "inf"."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(_finite(data), indent=2, default=_json_default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except WorkerFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except JobCancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "devices":
+        from engine.devices import inventory
+
+        devices = [d.to_dict() for d in inventory()]
+        if args.json:
+            print_json({"devices": devices})
+        else:
+            for d in devices:
+                memory = (
+                    f"  {d['memory_free'] / 2**30:.1f}/{d['memory_total'] / 2**30:.1f} GiB free"
+                    if d["memory_total"]
+                    else ""
+                )
+                print(f"{d['id']:8} {d['name']}{memory}")
+        return 0
+    if args.command == "models":
+        from pathlib import Path
+
+        from engine.catalog import ModelCatalog
+
+        entries = [e.to_dict() for e in ModelCatalog([Path(f) for f in args.folder]).entries()]
+        if args.json:
+            print_json({"models": entries})
+        else:
+            for e in entries:
+                print(f"{e['name']:24} {e['family']:10} {e['source']:9} {e['path']}")
+        return 0
+
+    from engine.engine import Engine
+
+    with Engine(dtype=args.dtype) as engine:
+        progress = ProgressPrinter(quiet=args.json)
+        if args.command == "generate":
+            request = request_from_args(args, args.strategy)
+            plan = engine.plan(request)
+            from engine.engine import clip_stem
+            from engine.outputs import plan_output
+
+            path = plan_output(request.output, plan.adapter.modality, clip_stem(plan.request))
+            result = engine.run(plan, progress, previews=not args.no_previews)
+            summary = engine.save(result, path)
+            if args.json:
+                print_json(summary)
+            else:
+                print(f"\nsaved {summary['output']} (denoise {summary['timings']['denoise_s']:.2f} s)")
+            return 0
+        from engine.compare import compare, parse_strategy_specs
+
+        request = request_from_args(args)
+        if request.output and not (request.output.endswith("/") or _is_dir(request.output)):
+            raise UserError(
+                f"compare writes one clip per strategy; --output '{request.output}' is not a folder.",
+                "Give a folder (ending in /) or leave --output out.",
+            )
+        report = compare(engine, request, parse_strategy_specs(args.strategies, args.devices), progress)
+        if args.json:
+            print_json(report)
+        else:
+            _print_table(report["rows"])
+        return 0
+
+
+def _is_dir(path: str) -> bool:
+    import os
+
+    return os.path.isdir(path)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    print()
+    header = f"{'strategy':12} {'devices':9} {'denoise s':>9} {'speedup':>8} {'ideal':>6}  fidelity"
+    print(header)
+    for row in rows:
+        speedup = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
+        fid = row["fidelity"] or {}
+        text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fid.items())
+        print(
+            f"{row['strategy']:12} {row['devices']:9} {row['denoise_s']:9.3f} {speedup:>8} "
+            f"{row['ideal_speedup']:5.2f}x  {text}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Where models come from: embedded ones, local folders in diffusers layout, the Hugging Face cache.
+
+Everything here is offline and cheap (JSON files only); weights are checked and loaded elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from resources import EMBEDDED_MODELS_DIR
+
+# diffusers pipeline class -> family adapter name.
+FAMILIES = {
+    "CogVideoXPipeline": "cogvideox",
+    "StableVideoDiffusionPipeline": "svd",
+    "AudioLDM2Pipeline": "audioldm2",
+}
+STUDIO_FILE = "studio.json"  # optional: family claim and defaults of an embedded model
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: Path
+    source: str  # embedded | local | hf-cache
+    pipeline_class: str
+    family: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "source": self.source,
+            "pipeline_class": self.pipeline_class,
+            "family": self.family,
+            "defaults": self.defaults,
+            "description": self.description,
+        }
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def read_entry(path: Path, name: str | None = None, source: str = "local") -> ModelEntry:
+    """Describes the pipeline folder at `path`, or says why it is not one."""
+    if not path.exists():
+        raise UserError(f"Model folder '{path}' does not exist.", "Check the path.")
+    if not path.is_dir():
+        raise UserError(
+            f"'{path}' is a file, not a model folder.", "Give the folder that holds model_index.json."
+        )
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(
+            f"'{path}' is not a diffusers pipeline folder: it has no model_index.json.",
+            "Give a folder saved with DiffusionPipeline.save_pretrained (diffusers layout).",
+        )
+    try:
+        model_index = json.loads(index.read_text())
+        pipeline_class = model_index["_class_name"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"'{index}' is not a valid model_index.json ({exc}).", "Re-save the pipeline with diffusers."
+        ) from None
+    family = FAMILIES.get(pipeline_class, "generic")
+    studio: dict[str, Any] = {}
+    if (path / STUDIO_FILE).is_file():
+        try:
+            studio = json.loads((path / STUDIO_FILE).read_text())
+        except ValueError as exc:
+            raise UserError(
+                f"'{path / STUDIO_FILE}' is not valid JSON ({exc}).", "Fix or delete it."
+            ) from None
+        claimed = studio.get("family")
+        if claimed and claimed != family:
+            raise UserError(
+                f"'{path}' claims to be a {claimed} model but its pipeline is {pipeline_class} ({family}).",
+                f"Correct 'family' in {STUDIO_FILE} or use the right folder.",
+            )
+    return ModelEntry(
+        name=name or path.name,
+        path=path,
+        source=source,
+        pipeline_class=pipeline_class,
+        family=family,
+        defaults=dict(studio.get("defaults", {})),
+        description=studio.get("description", ""),
+    )
+
+
+class ModelCatalog:
+    """Lists and resolves models by name or path."""
+
+    def __init__(self, extra_folders: list[Path] | None = None) -> None:
+        self.extra_folders = [Path(p) for p in extra_folders or []]
+
+    def entries(self) -> list[ModelEntry]:
+        found: list[ModelEntry] = []
+        for folder in sorted(EMBEDDED_MODELS_DIR.glob("*/model_index.json")):
+            found.append(read_entry(folder.parent, source="embedded"))
+        for folder in self.extra_folders:
+            try:
+                found.append(read_entry(folder, source="local"))
+            except UserError:
+                continue
+        for name, snapshot in _hf_cache_snapshots():
+            try:
+                found.append(read_entry(snapshot, name=name, source="hf-cache"))
+            except UserError:
+                continue
+        return found
+
+    def resolve(self, name_or_path: str) -> ModelEntry:
+        if not name_or_path:
+            raise UserError(
+                "No model given.", "Pass --model with a name from `parastep-studio models` or a folder."
+            )
+        embedded = EMBEDDED_MODELS_DIR / name_or_path
+        if os.sep not in name_or_path and (embedded / "model_index.json").is_file():
+            return read_entry(embedded, source="embedded")
+        path = Path(name_or_path).expanduser()
+        if path.exists():
+            return read_entry(path.resolve())
+        for name, snapshot in _hf_cache_snapshots():
+            if name == name_or_path:
+                return read_entry(snapshot, name=name, source="hf-cache")
+        known = ", ".join(entry.name for entry in self.entries()) or "none"
+        raise UserError(
+            f"Unknown model '{name_or_path}' (known: {known}).",
+            "Use a name from `parastep-studio models`, a folder in diffusers layout, "
+            "or a model already in the Hugging Face cache (nothing is downloaded).",
+        )
+
+
+def _hf_cache_snapshots() -> list[tuple[str, Path]]:
+    """(org/name, snapshot folder) for every cached pipeline repo, newest ref first."""
+    cache = hf_cache_dir()
+    found = []
+    for repo in sorted(cache.glob("models--*")):
+        name = repo.name[len("models--") :].replace("--", "/")
+        ref = repo / "refs" / "main"
+        snapshot = None
+        if ref.is_file():
+            candidate = repo / "snapshots" / ref.read_text().strip()
+            if candidate.is_dir():
+                snapshot = candidate
+        if snapshot is None:
+            snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
+            snapshot = snapshots[-1] if snapshots else None
+        if snapshot is not None and (snapshot / "model_index.json").is_file():
+            found.append((name, snapshot))
+    return found

@@ -1,0 +1,99 @@
+"""The comparison lab, headless: one request under several strategy@devices entries, same seed.
+
+The first `sequential` run is the reference for speedup and fidelity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from engine.engine import Engine, EventSink, clip_stem
+from engine.errors import UserError
+from engine.protocol import GenerationRequest
+
+COUNTER_FIELDS = ("denoiser_calls", "compute_s", "comm_wait_s", "bytes_sent", "bytes_received")
+
+
+def parse_strategy_specs(text: str, default_devices: str) -> list[tuple[str, str]]:
+    """'sequential@cpu:1,parastep@cuda:0,1' -> [(strategy, devices), ...].
+
+    A comma is both the list separator and the GPU separator, so a bare number continues the
+    previous entry's GPU list.
+    """
+    entries: list[list[str]] = []
+    for token in (part.strip() for part in text.split(",")):
+        if not token:
+            continue
+        if token.isdigit() and entries and entries[-1][1].startswith("cuda"):
+            entries[-1][1] += f",{token}"
+            continue
+        name, _, devices = token.partition("@")
+        entries.append([name.strip(), devices.strip() or default_devices])
+    if not entries:
+        raise UserError(
+            "--strategies names no strategy.", "Write e.g. --strategies sequential,parastep@cpu:2."
+        )
+    return [(name, devices) for name, devices in entries]
+
+
+def compare(
+    engine: Engine,
+    request: GenerationRequest,
+    specs: list[tuple[str, str]],
+    on_event: EventSink | None = None,
+    save: bool = True,
+) -> dict[str, Any]:
+    """Runs every entry; returns {"rows": [...]} as the CLI prints it."""
+    from engine.metrics import fidelity, relative_l2
+    from engine.outputs import plan_output
+
+    plans = []
+    for name, devices in specs:  # validate everything before running anything
+        variant = dataclasses.replace(
+            request,
+            strategy=name,
+            devices=devices,
+            strategy_options=dict({k: v for k, v in request.strategy_options.items() if _accepts(name, k)}),
+        )
+        plans.append(engine.plan(variant))
+    rows, reference = [], None
+    for plan in plans:
+        result = engine.run(plan, on_event)
+        row: dict[str, Any] = {
+            "strategy": plan.request.strategy,
+            "strategy_options": plan.request.strategy_options,
+            "devices": plan.request.devices,
+            "denoise_s": result.timings["denoise_s"],
+            "total_s": result.timings["total_s"],
+            "ideal_speedup": plan.ideal_speedup,
+        }
+        if reference is None and plan.request.strategy == "sequential":
+            reference = result
+        if reference is not None:
+            row["speedup"] = reference.timings["denoise_s"] / result.timings["denoise_s"]
+            row["fidelity"] = fidelity(plan.adapter.modality, result.output, reference.output)
+            if result.latents is not None and reference.latents is not None:
+                row["fidelity"]["latent_rel_l2"] = relative_l2(result.latents, reference.latents)
+                row["fidelity"]["identical"] = bool(
+                    row["fidelity"]["identical"] and np.array_equal(result.latents, reference.latents)
+                )
+        else:
+            row["speedup"] = None
+            row["fidelity"] = None
+        for field in COUNTER_FIELDS:
+            row[field] = sum(rank[field] for rank in result.ranks)
+        row["ranks"] = result.ranks
+        if save:
+            path = plan_output(request.output, plan.adapter.modality, clip_stem(plan.request))
+            row["output"] = engine.save(result, path)["output"]
+        rows.append(row)
+    return {"rows": rows, "reference": "sequential" if reference is not None else None}
+
+
+def _accepts(strategy: str, option: str) -> bool:
+    from engine.strategies import strategy_class
+
+    return any(o.name == option for o in strategy_class(strategy).options)

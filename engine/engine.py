@@ -1,0 +1,219 @@
+"""The engine: validates requests, keeps a warm worker group, runs jobs, writes clips, compares.
+
+Headless (no Qt). The CLI uses it in-process; the window talks to it in a background process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.catalog import ModelCatalog, ModelEntry
+from engine.devices import format_devices, parse_devices
+from engine.errors import UserError, WorkerFailure
+from engine.loading import check_weights
+from engine.models import FamilyAdapter, adapter_for
+from engine.protocol import GenerationRequest, StageEvent
+from engine.strategies import ideal_speedup, strategy_class
+from engine.worker import Job
+from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, WorkerGroup
+
+EventSink = Callable[[Any], None]
+
+
+@dataclass
+class Plan:
+    """A validated request: the model, its adapter, the ranks' devices, every default filled in."""
+
+    entry: ModelEntry
+    adapter: FamilyAdapter
+    request: GenerationRequest
+    devices: list[str]
+
+    @property
+    def ideal_speedup(self) -> float:
+        options = self.request.strategy_options
+        width = {"parastep": len(self.devices), "batchstep": options.get("lookahead", 1)}.get(
+            self.request.strategy, 1
+        )
+        return ideal_speedup(self.request.steps, options.get("warmup", 0), width) if width > 1 else 1.0
+
+
+@dataclass
+class RunResult:
+    plan: Plan
+    output: Any  # frames uint8 [F, H, W, 3] or audio float32 [S]
+    rate: float
+    latents: Any
+    timings: dict[str, float]
+    ranks: list[dict[str, Any]]
+
+
+class Engine:
+    def __init__(
+        self,
+        catalog: ModelCatalog | None = None,
+        collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+        dtype: str = "auto",
+    ) -> None:
+        self.catalog = catalog or ModelCatalog()
+        self.collective_timeout_s = collective_timeout_s
+        self.dtype = dtype
+        self.group: WorkerGroup | None = None
+
+    # ---- planning (no workers) ------------------------------------------------------------------
+    def plan(self, request: GenerationRequest) -> Plan:
+        entry = self.catalog.resolve(request.model)
+        adapter = adapter_for(entry)
+        strategy = strategy_class(request.strategy)
+        wanted = 1 if strategy.max_devices == 1 else None
+        devices = parse_devices(request.devices, wanted)
+        if strategy.max_devices is not None and len(devices) > strategy.max_devices:
+            raise UserError(
+                f"Strategy '{strategy.name}' runs on {strategy.max_devices} device; {request.devices} gives "
+                f"{len(devices)}.",
+                "Use --devices cpu:1 or a single GPU, or pick the parastep strategy.",
+            )
+        resolved = adapter.resolve(request, entry)
+        options = self._resolve_options(strategy, resolved, adapter, len(devices))
+        resolved = dataclasses.replace(
+            resolved, strategy_options=options, devices=format_devices(devices), model=request.model
+        )
+        return Plan(entry, adapter, resolved, devices)
+
+    def _resolve_options(
+        self, strategy: Any, request: GenerationRequest, adapter: FamilyAdapter, ranks: int
+    ) -> dict[str, Any]:
+        given = dict(request.strategy_options)
+        known = {option.name: option for option in strategy.options}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            allowed = ", ".join(known) or "none"
+            raise UserError(
+                f"Strategy '{strategy.name}' has no option {', '.join(unknown)} (its options: {allowed}).",
+                "Drop the option or pick another strategy.",
+            )
+        options = {}
+        for name, option in known.items():
+            value = given.get(name, option.default)
+            if value is None and name == "warmup":
+                value = adapter.default_warmup(request.steps)
+            if isinstance(value, bool) or not isinstance(value, int) or value < option.minimum:
+                raise UserError(
+                    f"Option '{name}' of '{strategy.name}' is {value!r}; it must be a whole number "
+                    f">= {option.minimum}.",
+                    f"Set --{name} to a valid value.",
+                )
+            options[name] = value
+        warmup = options.get("warmup")
+        if warmup is not None:
+            if warmup > request.steps:
+                raise UserError(
+                    f"Warm-up {warmup} is larger than the step count {request.steps}.",
+                    f"Use --warmup from 1 to {request.steps}.",
+                )
+            parallel = ranks if strategy.name == "parastep" else options.get("lookahead", 1)
+            if warmup == 0 and parallel > 1 and request.steps > 0:
+                raise UserError(
+                    f"'{strategy.name}' needs at least one warm-up step: the first round reuses a "
+                    "prediction that only a warm-up step can make.",
+                    "Use --warmup 1 or more.",
+                )
+        if options.get("lookahead", 1) > request.steps:
+            raise UserError(
+                f"Look-ahead {options['lookahead']} is larger than the step count {request.steps}.",
+                "Use a smaller --lookahead.",
+            )
+        return options
+
+    # ---- running ----------------------------------------------------------------------------------
+    def ensure_group(self, plan: Plan, on_event: EventSink) -> WorkerGroup:
+        key = (str(plan.entry.path), tuple(plan.devices), self.dtype)
+        if self.group is not None and (self.group.key != key or not self.group.alive()):
+            self.group.shutdown()
+            self.group = None
+        if self.group is None:
+            check_weights(plan.entry)
+            group = WorkerGroup(plan.entry, plan.devices, self.dtype, self.collective_timeout_s)
+            group.start()
+            self.group = group
+        return self.group
+
+    def run(self, plan: Plan, on_event: EventSink | None = None, previews: bool = True) -> RunResult:
+        """Runs a planned job (loading the model if needed); writes nothing."""
+        sink = on_event or (lambda event: None)
+        job_id = uuid.uuid4().hex[:12]
+        start = time.perf_counter()
+        sink(StageEvent(job_id, "load"))
+        group = self.ensure_group(plan, sink)
+        load_s = time.perf_counter() - start
+        try:
+            payload = group.run(Job(job_id, plan.request, previews), sink)
+        except WorkerFailure:
+            self.group = None  # already torn down; the next job starts a new group
+            raise
+        timings = {
+            "load_s": load_s,
+            "encode_s": payload["timings"]["encode_s"],
+            "denoise_s": payload["timings"]["denoise_s"],
+            "decode_s": payload["timings"]["decode_s"],
+        }
+        timings["total_s"] = time.perf_counter() - start
+        return RunResult(
+            plan, payload["output"], payload["rate"], payload["latents"], timings, payload["ranks"]
+        )
+
+    def generate(self, request: GenerationRequest, on_event: EventSink | None = None) -> dict[str, Any]:
+        """Plans, runs and saves one clip; returns the CLI's `generate --json` object."""
+        from engine.outputs import plan_output
+
+        plan = self.plan(request)
+        path = plan_output(request.output, plan.adapter.modality, clip_stem(plan.request))
+        result = self.run(plan, on_event)
+        return self.save(result, path, on_event)
+
+    def save(self, result: RunResult, path: Path, on_event: EventSink | None = None) -> dict[str, Any]:
+        from engine.outputs import build_metadata, write_clip
+
+        start = time.perf_counter()
+        if on_event:
+            on_event(StageEvent("", "save"))
+        request = result.plan.request
+        metadata = build_metadata(request, timings=result.timings, ranks=result.ranks)
+        if result.plan.adapter.modality == "audio":
+            clip = write_clip(path, audio=result.output, sample_rate=int(result.rate), metadata=metadata)
+        else:
+            clip = write_clip(path, frames=result.output, fps=result.rate, metadata=metadata)
+        result.timings["total_s"] += time.perf_counter() - start
+        return {
+            "output": str(clip),
+            "metadata": str(clip.with_suffix(".json")),
+            "model": request.model,
+            "strategy": request.strategy,
+            "strategy_options": request.strategy_options,
+            "devices": request.devices,
+            "seed": request.seed,
+            "timings": result.timings,
+            "ranks": result.ranks,
+        }
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def clip_stem(request: GenerationRequest) -> str:
+    model = Path(request.model).name or "model"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{request.strategy}-seed{request.seed}"

@@ -1,0 +1,102 @@
+"""Loading a pipeline replica offline, from safetensors only, with clear errors for broken folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from engine.catalog import ModelEntry
+from engine.errors import UserError
+
+# Component classes that carry no weights.
+_WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weighted_components(entry: ModelEntry) -> list[str]:
+    model_index = json.loads((entry.path / "model_index.json").read_text())
+    components = []
+    for name, spec in model_index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue
+        if not any(word in spec[1] for word in _WEIGHTLESS):
+            components.append(name)
+    return components
+
+
+def check_weights(entry: ModelEntry) -> None:
+    """Fails fast, naming the file, when a component's weights are missing, truncated or pickled."""
+    from safetensors import safe_open
+
+    for component in weighted_components(entry):
+        folder = entry.path / component
+        if not folder.is_dir():
+            raise UserError(
+                f"Model '{entry.name}' lists component '{component}' but '{folder}' is missing.",
+                "Restore the folder or re-save the pipeline.",
+            )
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            pickled = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+            if pickled:
+                raise UserError(
+                    f"'{folder}' holds only pickle weights ({', '.join(pickled)}); they can run arbitrary "
+                    "code when loaded and are refused.",
+                    "Convert them to safetensors (e.g. save_pretrained(..., safe_serialization=True)).",
+                )
+            raise UserError(
+                f"Component '{component}' of model '{entry.name}' has no weight file in '{folder}'.",
+                "Restore its .safetensors file(s) or re-save the pipeline.",
+            )
+        index_files = sorted(folder.glob("*.safetensors.index.json"))
+        for index in index_files:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            for shard in sorted(shards):
+                if not (folder / shard).is_file():
+                    raise UserError(f"Weight shard '{folder / shard}' is missing.", "Restore the file.")
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except Exception as exc:  # safetensors raises its own error types
+                raise UserError(
+                    f"Weight file '{file}' is corrupt or truncated ({exc}).",
+                    "Restore the file from the original download or re-save the pipeline.",
+                ) from None
+
+
+def load_pipeline(entry: ModelEntry, device: str, dtype: Any) -> Any:
+    """A stock diffusers pipeline on `device`; nothing is downloaded and no remote code runs."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(entry.path), local_files_only=True, use_safetensors=True, torch_dtype=dtype
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise UserError(
+            f"Could not load model '{entry.name}' from '{entry.path}': {exc}",
+            "Check that the folder is a complete diffusers pipeline with safetensors weights.",
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise UserError(f"Unknown dtype '{name}'.", "Use auto, fp32, fp16 or bf16.")
+    return table[name]
+
+
+def component_config(entry: ModelEntry | Path, component: str) -> dict[str, Any]:
+    path = entry.path if isinstance(entry, ModelEntry) else entry
+    config = path / component / "config.json"
+    if not config.is_file():
+        raise UserError(f"'{config}' is missing.", "Restore the pipeline folder.")
+    return json.loads(config.read_text())

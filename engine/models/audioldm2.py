@@ -1,0 +1,64 @@
+"""AudioLDM2 (text to audio): AudioLDM2Pipeline, latents [B, C, T/4, mel bins/4]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from engine.catalog import ModelEntry
+from engine.errors import UserError
+from engine.loading import component_config
+from engine.models.base import FamilyAdapter
+from engine.protocol import GenerationRequest
+
+MAX_SECONDS = 60.0
+
+
+class AudioLDM2Adapter(FamilyAdapter):
+    family = "audioldm2"
+    modality = "audio"
+    published_steps = 200
+    published_warmup = 5
+    defaults = {"steps": 200, "guidance_scale": 3.5, "seconds": 10.0}
+
+    def min_seconds(self, entry: ModelEntry) -> float:
+        """One latent frame of audio: the shortest length the pipeline can make."""
+        vocoder = component_config(entry, "vocoder")
+        vae = component_config(entry, "vae")
+        hop = np.prod(vocoder["upsample_rates"]) / vocoder["sampling_rate"]
+        return float(hop * 2 ** (len(vae["block_out_channels"]) - 1))
+
+    def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
+        shortest = self.min_seconds(entry)
+        if request.seconds is None or not shortest <= request.seconds <= MAX_SECONDS:
+            raise UserError(
+                f"Audio length {request.seconds} s is out of range for this model "
+                f"({shortest:.3f} to {MAX_SECONDS:.0f} s).",
+                f"Use --seconds between {shortest:.3f} and {MAX_SECONDS:.0f}.",
+            )
+
+    def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+        return {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt or None,
+            "audio_length_in_s": request.seconds,
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "num_waveforms_per_prompt": 1,
+            "generator": generator,
+            "output_type": "latent",
+        }
+
+    def output_rate(self, pipe: Any, request: GenerationRequest) -> float:
+        return float(pipe.vocoder.config.sampling_rate)
+
+    def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:
+        mel = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        audio = pipe.mel_spectrogram_to_waveform(mel)[0]
+        length = int(request.seconds * pipe.vocoder.config.sampling_rate)
+        return audio[:length].float().cpu().numpy().astype(np.float32)
+
+    def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
+        # [C, T, F] -> one image [C, F, T]: time runs left to right, low frequencies at the bottom.
+        return x0[0].transpose(1, 2).flip(1).unsqueeze(0), [0]

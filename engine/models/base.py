@@ -1,0 +1,134 @@
+"""What a model family adapter does: request -> pipeline arguments, validation, decode, previews.
+
+One adapter per pipeline family. Adapters run in the engine (validation, before any worker is
+started, from config files only) and in the workers (arguments, decode, look-ahead inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from engine.catalog import ModelEntry
+from engine.errors import UserError
+from engine.protocol import GenerationRequest
+
+MAX_STEPS = 1000
+
+
+class FamilyAdapter:
+    family = "base"
+    modality = "video"  # video | audio
+    # Published defaults: steps and ParaStep warm-up (the warm-up scales with fewer steps).
+    published_steps = 50
+    published_warmup = 5
+    # Request defaults for checkpoints that carry no studio.json.
+    defaults: dict[str, Any] = {}
+
+    # ---- engine side: validation --------------------------------------------------------------
+    def resolve(self, request: GenerationRequest, entry: ModelEntry) -> GenerationRequest:
+        """The request with every default filled in, checked against the family's constraints."""
+        defaults = {**self.defaults, **entry.defaults}
+        filled = {
+            name: defaults[name]
+            for name in self.request_fields()
+            if getattr(request, name) is None and name in defaults
+        }
+        resolved = dataclasses.replace(request, **filled)
+        _check_range("steps", resolved.steps, 1, MAX_STEPS)
+        if resolved.guidance_scale is None or not 0 <= resolved.guidance_scale <= 100:
+            raise UserError(
+                f"Guidance scale {resolved.guidance_scale} is out of range.", "Use a value from 0 to 100."
+            )
+        if not 0 <= resolved.seed < 2**63:
+            raise UserError(f"Seed {resolved.seed} is out of range.", "Use a seed from 0 to 2**63-1.")
+        self.check(resolved, entry)
+        return resolved
+
+    def request_fields(self) -> tuple[str, ...]:
+        common = ("steps", "guidance_scale")
+        if self.modality == "audio":
+            return (*common, "seconds")
+        return (*common, "frames", "height", "width", "fps")
+
+    def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
+        """Family constraints; raises UserError naming the field and the fix."""
+
+    def default_warmup(self, steps: int) -> int:
+        """The published warm-up, scaled down proportionally for fewer steps."""
+        if steps >= self.published_steps:
+            return self.published_warmup
+        return max(1, round(self.published_warmup * steps / self.published_steps))
+
+    # ---- worker side --------------------------------------------------------------------------
+    def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:
+        """Video: uint8 [F, H, W, 3]. Audio: float32 [S] in [-1, 1]."""
+        raise NotImplementedError
+
+    def output_rate(self, pipe: Any, request: GenerationRequest) -> float:
+        """Frames per second for video, sample rate for audio."""
+        return float(request.fps)
+
+    def guidance(self, pipe: Any, request: GenerationRequest) -> Any:
+        """The scale the loop multiplies (cond - uncond) by."""
+        return request.guidance_scale
+
+    def uses_guidance(self, request: GenerationRequest) -> bool:
+        return request.guidance_scale is not None and request.guidance_scale > 1.0
+
+    def guide(self, pipe: Any, request: GenerationRequest, raw: Any) -> Any:
+        """The noise prediction the loop hands to scheduler.step, from the denoiser's raw output."""
+        if not self.uses_guidance(request):
+            return raw
+        uncond, cond = raw.chunk(2)
+        return uncond + self.guidance(pipe, request) * (cond - uncond)
+
+    def denoiser_input(self, scheduler: Any, latent: Any, timestep: Any, current_input: Any) -> Any:
+        """The denoiser input the loop would build from `latent` at `timestep`.
+
+        CFG doubling and `scale_model_input` as in every supported loop; extra conditioning channels
+        that the loop concatenates (SVD's image latents) are taken from the current step's input.
+        """
+        import torch
+
+        doubled = current_input.shape[0] == 2 * latent.shape[0]
+        sample = torch.cat([latent] * 2) if doubled else latent
+        sample = scheduler.scale_model_input(sample, timestep).to(current_input.dtype)
+        if sample.shape != current_input.shape:
+            dim = next(d for d in range(sample.ndim) if sample.shape[d] != current_input.shape[d])
+            extra = current_input.narrow(dim, sample.shape[dim], current_input.shape[dim] - sample.shape[dim])
+            sample = torch.cat([sample, extra], dim=dim)
+        return sample
+
+    def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
+        """x0 as a stack of latent images [N, C, h, w] and the output frame index of each."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.family, "modality": self.modality}
+
+
+def _check_range(name: str, value: Any, low: float, high: float) -> None:
+    if value is None or not low <= value <= high:
+        raise UserError(f"'{name}' is {value}; it must be from {low} to {high}.", f"Set --{name} in range.")
+
+
+def check_multiple(name: str, value: int | None, factor: int, family: str) -> None:
+    if value is None or value < factor or value % factor:
+        raise UserError(
+            f"{name} {value} is not a positive multiple of {factor}, which {family} needs.",
+            f"Use a {name} such as {max(factor, (value or 0) // factor * factor)}.",
+        )
+
+
+def to_uint8_frames(video: Any) -> np.ndarray:
+    """[F, C, H, W] or [F, H, W, C] float in [0, 1] -> uint8 [F, H, W, 3]."""
+    array = video.float().cpu().numpy() if hasattr(video, "cpu") else np.asarray(video)
+    if array.shape[-1] not in (1, 3) and array.shape[1] in (1, 3):
+        array = array.transpose(0, 2, 3, 1)
+    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -1,0 +1,71 @@
+"""CogVideoX (text to video): CogVideoXPipeline, latents [B, F, C, H, W]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from engine.catalog import ModelEntry
+from engine.errors import UserError
+from engine.loading import component_config
+from engine.models.base import FamilyAdapter, check_multiple, to_uint8_frames
+from engine.protocol import GenerationRequest
+
+
+class CogVideoXAdapter(FamilyAdapter):
+    family = "cogvideox"
+    modality = "video"
+    published_steps = 50
+    published_warmup = 13
+    defaults = {"steps": 50, "guidance_scale": 6.0, "frames": 49, "height": 480, "width": 720, "fps": 8}
+
+    def factors(self, entry: ModelEntry) -> tuple[int, int]:
+        """(spatial factor the size must be a multiple of, temporal compression)."""
+        vae = component_config(entry, "vae")
+        transformer = component_config(entry, "transformer")
+        spatial = 2 ** (len(vae["block_out_channels"]) - 1) * transformer.get("patch_size", 2)
+        return spatial, vae.get("temporal_compression_ratio", 4)
+
+    def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
+        spatial, temporal = self.factors(entry)
+        frames = request.frames
+        period = 2 * temporal  # CogVideoX 1.0 runs on 8k+1 frames
+        if frames is None or frames < 1 or (frames - 1) % period:
+            good = max(1, ((frames or 1) - 1) // period * period + 1)
+            raise UserError(
+                f"CogVideoX needs a frame count of {period}k+1 (1, {period + 1}, {2 * period + 1}, ...), "
+                f"not {frames}.",
+                f"Use --frames {good} or {good + period}.",
+            )
+        check_multiple("height", request.height, spatial, "this CogVideoX model")
+        check_multiple("width", request.width, spatial, "this CogVideoX model")
+        if not request.fps or request.fps < 1:
+            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 8.")
+
+    def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+        return {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt or None,
+            "num_frames": request.frames,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "use_dynamic_cfg": False,
+            "generator": generator,
+            "output_type": "latent",
+        }
+
+    def guide(self, pipe: Any, request: GenerationRequest, raw: Any) -> Any:
+        return super().guide(pipe, request, raw.float())  # the loop upcasts before guidance
+
+    def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:
+        video = pipe.decode_latents(latents)
+        frames = pipe.video_processor.postprocess_video(video=video, output_type="pt")[0]
+        return to_uint8_frames(frames)
+
+    def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
+        latent_frames = x0.shape[1]
+        # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
+        return x0[0], [0] + [4 * f for f in range(1, latent_frames)]

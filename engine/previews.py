@@ -1,0 +1,123 @@
+"""Cheap previews of the denoised estimate x0: a linear latent-to-RGB (or -to-mel) map.
+
+The map (a C x K matrix and a bias) is fitted once per model by least squares against a VAE
+decode of a small part of the first x0 it sees, then cached in the user's cache folder. Models may
+ship their own `preview_factors.json`. Previews are throttled, small, and made on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FACTORS_FILE = "preview_factors.json"
+MAX_PREVIEW_SIDE = 512
+MIN_INTERVAL_S = 0.1  # at most ~10 previews per second
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "parastep-studio" / "preview-factors"
+
+
+def fit_factors(latents: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """Least squares fit of targets [P, K] from latents [P, C] with a bias."""
+    design = torch.cat([latents, torch.ones(latents.shape[0], 1)], dim=1).double()
+    solution = torch.linalg.lstsq(design, targets.double()).solution
+    fitted = design @ solution
+    low, high = float(fitted.min()), float(fitted.max())
+    if high - low < 1e-6:
+        high = low + 1.0
+    return {"weights": solution[:-1].tolist(), "bias": solution[-1].tolist(), "range": [low, high]}
+
+
+class PreviewRenderer:
+    """Turns x0 into PNG images; fits and caches the linear map on first use."""
+
+    def __init__(self, adapter: Any, pipe: Any, request: Any, model_path: Path) -> None:
+        self.adapter, self.pipe, self.request = adapter, pipe, request
+        self.model_path = model_path
+        self.factors: dict[str, Any] | None = None
+        self.last = 0.0
+
+    def due(self, step: int, total: int) -> bool:
+        now = time.monotonic()
+        if step == total - 1 or now - self.last >= MIN_INTERVAL_S:
+            self.last = now
+            return True
+        return False
+
+    def render(self, x0: torch.Tensor) -> tuple[list[bytes], list[int]]:
+        images, indices = self.adapter.preview_images(x0.detach())
+        images = images.float().cpu()  # [N, C, h, w]
+        factors = self._factors(x0)
+        weights = torch.tensor(factors["weights"], dtype=torch.float32)
+        bias = torch.tensor(factors["bias"], dtype=torch.float32)
+        low, high = factors["range"]
+        mapped = torch.einsum("nchw,ck->nhwk", images, weights) + bias
+        mapped = ((mapped - low) / (high - low)).clamp(0, 1)
+        return [_png(frame) for frame in mapped.numpy()], indices
+
+    def _factors(self, x0: torch.Tensor) -> dict[str, Any]:
+        if self.factors is None:
+            shipped = self.model_path / FACTORS_FILE
+            cached = cache_dir() / f"{_key(self.model_path)}.json"
+            for file in (shipped, cached):
+                if file.is_file():
+                    self.factors = json.loads(file.read_text())
+                    break
+            else:
+                self.factors = self.fit(x0)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps(self.factors))
+        return self.factors
+
+    @torch.no_grad()
+    def fit(self, x0: torch.Tensor) -> dict[str, Any]:
+        """Decodes a small part of x0 and fits the latent -> output map against it."""
+        if self.adapter.modality == "audio":
+            part = x0[:1]
+            mel = self.pipe.vae.decode(part / self.pipe.vae.config.scaling_factor).sample  # [1, 1, T, F]
+            latent_images, _ = self.adapter.preview_images(part)
+            target = mel[0].transpose(1, 2).flip(1).unsqueeze(0)  # as the preview lays it out
+        else:
+            part = x0[:, :1]
+            frames = torch.from_numpy(self.adapter.decode(self.pipe, part, self.request)[:1]).float() / 255.0
+            latent_images, _ = self.adapter.preview_images(part)
+            target = frames.permute(0, 3, 1, 2)  # [1, 3, H, W]
+        latent_images = latent_images[:1].float().cpu()
+        target = torch.nn.functional.adaptive_avg_pool2d(target.float().cpu(), latent_images.shape[-2:])
+        channels = latent_images.shape[1]
+        return fit_factors(
+            latent_images.permute(0, 2, 3, 1).reshape(-1, channels),
+            target.permute(0, 2, 3, 1).reshape(-1, target.shape[1]),
+        )
+
+
+def _key(path: Path) -> str:
+    index = path / "model_index.json"
+    stamp = index.stat().st_mtime_ns if index.exists() else 0
+    return hashlib.sha1(f"{path.resolve()}:{stamp}".encode()).hexdigest()[:16]
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    array = (image * 255 + 0.5).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = array[..., 0]
+    picture = Image.fromarray(array)
+    scale = max(1, min(4, MAX_PREVIEW_SIDE // max(picture.size)))
+    if scale > 1:  # latents are tiny: enlarge a little so a window does not have to
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

@@ -1,0 +1,256 @@
+"""What every strategy shares: two interception points on a stock pipeline, and per-rank counters.
+
+A strategy never copies a pipeline's `__call__`. It installs
+
+- a diffusers `ModelHook` on the denoiser (transformer or UNet) whose `new_forward` may compute,
+  return a cached or received output, or exchange tensors, and
+- a wrapper around `scheduler.step`, which may replace the returned latent (after a broadcast) and
+  sees `pred_original_sample` for previews.
+
+The step index is counted by the wrapper: every supported loop calls the denoiser once and then
+`scheduler.step` once per step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from diffusers.hooks import HookRegistry, ModelHook
+
+from engine.errors import JobCancelled, UserError
+from engine.protocol import RankCounters
+
+HOOK_NAME = "parastep_strategy"
+
+
+@dataclass
+class StepReport:
+    """What a rank did in one step, handed to the worker for its events."""
+
+    step: int
+    action: str  # compute | reuse | receive | idle | batched
+    compute_s: float
+    comm_wait_s: float
+    pred_original_sample: torch.Tensor | None
+
+
+@dataclass
+class JobContext:
+    """Per-job facts a strategy needs, set by the worker before the pipeline call."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    total_steps: int
+    options: dict[str, Any]
+    # Rebuilds the denoiser input for a look-ahead latent and combines CFG halves (family adapter).
+    adapter: Any = None
+    pipe: Any = None
+    params: Any = None
+    cancel_requested: Callable[[], bool] = lambda: False
+    on_step: Callable[[StepReport], None] = lambda report: None
+    on_first_denoise: Callable[[], None] = lambda: None
+    group: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """The denoiser's prediction tensor, and a function that rebuilds the output around another one."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda t: t
+    if isinstance(output, tuple | list):
+        rest = tuple(output[1:])
+        return output[0], lambda t: (t, *rest)
+    if hasattr(output, "sample"):  # a diffusers BaseOutput (return_dict=True)
+        cls = type(output)
+        return output.sample, lambda t: cls(sample=t)
+    raise TypeError(f"Unsupported denoiser output type {type(output).__name__}")
+
+
+class _DenoiserHook(ModelHook):
+    """Routes every denoiser forward through the strategy."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.strategy._denoise(module, self.fn_ref.original_forward, args, kwargs)
+
+
+@dataclass(frozen=True)
+class StrategyOption:
+    """An option a strategy takes; the CLI and the window build their controls from these."""
+
+    name: str
+    help: str
+    default: int | None = None  # None: chosen per model family (e.g. the warm-up)
+    minimum: int = 0
+
+
+class Strategy:
+    """Base class: subclasses implement `denoise` and, where they communicate, `after_step`."""
+
+    name = "strategy"
+    description = ""
+    options: tuple[StrategyOption, ...] = ()
+    min_devices = 1
+    max_devices: int | None = 1  # None: any number
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.counters = RankCounters(rank=ctx.rank)
+        self.step = 0
+        self.latent: torch.Tensor | None = None  # latest latent returned by scheduler.step
+        self.last_step_kwargs: dict[str, Any] = {}
+        self._step_compute = 0.0
+        self._step_wait = 0.0
+        self._action = "compute"
+        self._rebuild: Callable[[torch.Tensor], Any] = lambda t: (t,)
+        self._installed: tuple[Any, Any] | None = None
+        self._timed_first = False
+
+    # ---- installation -------------------------------------------------------------------------
+    def install(self, pipe: Any) -> None:
+        denoiser = denoiser_of(pipe)
+        registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+        registry.register_hook(_DenoiserHook(self), HOOK_NAME)
+        scheduler = pipe.scheduler
+        original_step = scheduler.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return self._scheduler_step(original_step, args, kwargs)
+
+        scheduler.step = step
+        self._installed = (denoiser, scheduler)
+
+    def uninstall(self) -> None:
+        if self._installed is None:
+            return
+        denoiser, scheduler = self._installed
+        HookRegistry.check_if_exists_or_initialize(denoiser).remove_hook(HOOK_NAME, recurse=False)
+        del scheduler.step  # drops the instance attribute, the class method shows through again
+        self._installed = None
+
+    # ---- the two interception points ----------------------------------------------------------
+    def _denoise(self, module: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if not self._timed_first:
+            self._timed_first = True
+            self.ctx.on_first_denoise()
+        return self.denoise(forward, args, kwargs)
+
+    def _scheduler_step(self, original_step: Callable, args: tuple, kwargs: dict) -> Any:
+        want_dict = kwargs.pop("return_dict", True)
+        self.last_step_kwargs = {k: v for k, v in kwargs.items()}
+        output = original_step(*args, **kwargs, return_dict=True)
+        self.latent = output.prev_sample
+        self.after_step(output.prev_sample)
+        x0 = getattr(output, "pred_original_sample", None)
+        self.ctx.on_step(StepReport(self.step, self._action, self._step_compute, self._step_wait, x0))
+        self.step += 1
+        self._step_compute = self._step_wait = 0.0
+        return output if want_dict else output.to_tuple()
+
+    # ---- to be implemented ----------------------------------------------------------------------
+    def denoise(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        return self.compute(forward, args, kwargs)
+
+    def after_step(self, latent: torch.Tensor) -> None:
+        """Called after every scheduler step with the new latent (may be replaced in place)."""
+        if self.ctx.cancel_requested():
+            raise JobCancelled()
+
+    # ---- helpers for subclasses -----------------------------------------------------------------
+    def compute(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """Runs the real denoiser, counted as compute."""
+        self._sync_device()
+        start = time.perf_counter()
+        output = forward(*args, **kwargs)
+        self._sync_device()
+        elapsed = time.perf_counter() - start
+        self.counters.denoiser_calls += 1
+        self.counters.compute_s += elapsed
+        self._step_compute += elapsed
+        self._action = "compute"
+        _, self._rebuild = split_output(output)
+        return output
+
+    def _sync_device(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+
+    def _waited(self, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        self.counters.comm_wait_s += elapsed
+        self._step_wait += elapsed
+
+    def send(self, tensor: torch.Tensor, dst: int) -> dist.Work:
+        """Starts a point-to-point send; the caller waits on the returned work."""
+        self.counters.bytes_sent += tensor.numel() * tensor.element_size()
+        return dist.isend(tensor.contiguous(), dst=dst, group=self.ctx.group)
+
+    def wait(self, work: dist.Work | None) -> None:
+        if work is not None:
+            start = time.perf_counter()
+            work.wait()
+            self._waited(start)
+
+    def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
+        buffer = torch.empty_like(like)
+        start = time.perf_counter()
+        dist.recv(buffer, src=src, group=self.ctx.group)
+        self._waited(start)
+        self.counters.bytes_received += buffer.numel() * buffer.element_size()
+        return buffer
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """In-place broadcast from `src`; the root counts one copy sent per receiver."""
+        nbytes = tensor.numel() * tensor.element_size()
+        start = time.perf_counter()
+        dist.broadcast(tensor, src=src, group=self.ctx.group)
+        self._waited(start)
+        if self.ctx.rank == src:
+            self.counters.bytes_sent += nbytes * (self.ctx.world_size - 1)
+        else:
+            self.counters.bytes_received += nbytes
+
+    def agree_on_cancel(self) -> None:
+        """Rank 0 decides whether the user cancelled and tells every rank, so all stop together."""
+        cancelled = self.ctx.rank == 0 and self.ctx.cancel_requested()
+        flag = torch.tensor([int(cancelled)], dtype=torch.uint8, device=self.ctx.device)
+        self.broadcast(flag)
+        if flag.item():
+            raise JobCancelled()
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    """The module the loop calls once per step: the transformer of DiTs, else the UNet."""
+    for name in ("transformer", "unet"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise UserError(
+        f"{type(pipe).__name__} has neither a transformer nor a UNet to run a strategy on.",
+        "Use a pipeline whose loop calls one denoiser per step.",
+    )
+
+
+def warmup_and_rounds(total_steps: int, warmup: int, width: int) -> list[tuple[int, int]]:
+    """The rounds after warm-up as (first step, number of steps) pairs."""
+    rounds = []
+    start = warmup
+    while start < total_steps:
+        rounds.append((start, min(width, total_steps - start)))
+        start += width
+    return rounds
+
+
+def ideal_speedup(total_steps: int, warmup: int, width: int) -> float:
+    """Loop speedup if only the exact-step calls cost time: T / (W + ceil((T - W) / N))."""
+    rounds = -(-(total_steps - warmup) // width) if total_steps > warmup else 0
+    return total_steps / (warmup + rounds)

@@ -1,0 +1,209 @@
+"""The worker process: one per device, holding a pipeline replica, running the jobs it is sent.
+
+Messages to the engine go through one queue as tuples: ("loaded", rank, info), ("event", rank,
+event), ("done", rank, payload), ("cancelled", rank, None), ("error", rank, message).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from engine.catalog import ModelEntry
+from engine.errors import JobCancelled, UserError
+from engine.protocol import GenerationRequest, PreviewEvent, StageEvent, StepEvent
+
+
+@dataclass
+class WorkerSpec:
+    rank: int
+    world_size: int
+    device: str
+    init_method: str | None
+    timeout_s: float
+    entry: ModelEntry
+    dtype: str
+
+
+@dataclass
+class Job:
+    job_id: str
+    request: GenerationRequest  # resolved: every default filled in
+    previews: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker if the engine dies, so no worker is ever orphaned."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def worker_main(spec: WorkerSpec, commands: Any, results: Any, cancel: Any) -> None:
+    _die_with_parent()
+    import torch
+
+    if spec.device == "cpu":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    else:
+        torch.cuda.set_device(torch.device(spec.device))
+    try:
+        if spec.world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group(
+                backend="gloo" if spec.device == "cpu" else "nccl",
+                init_method=spec.init_method,
+                rank=spec.rank,
+                world_size=spec.world_size,
+                timeout=timedelta(seconds=spec.timeout_s),
+                device_id=None if spec.device == "cpu" else torch.device(spec.device),
+            )
+        from engine.loading import load_pipeline, resolve_dtype
+        from engine.models import adapter_for
+
+        start = time.perf_counter()
+        pipe = load_pipeline(spec.entry, spec.device, resolve_dtype(spec.dtype, spec.device))
+        adapter = adapter_for(spec.entry)
+        results.put(("loaded", spec.rank, {"load_s": time.perf_counter() - start}))
+    except Exception as exc:  # report, then exit: the engine shows it
+        results.put(("error", spec.rank, _describe(exc)))
+        return
+
+    while True:
+        command = commands.get()
+        if command[0] == "stop":
+            break
+        job: Job = command[1]
+        try:
+            payload = run_job(spec, pipe, adapter, job, results, cancel)
+            results.put(("done", spec.rank, payload))
+        except JobCancelled:
+            results.put(("cancelled", spec.rank, None))
+        except Exception as exc:
+            results.put(("error", spec.rank, _describe(exc)))
+    if spec.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, cancel: Any) -> dict[str, Any]:
+    """One pipeline call with the job's strategy installed; rank 0 also decodes."""
+    import torch
+
+    from engine.previews import PreviewRenderer
+    from engine.strategies import strategy_class
+    from engine.strategies.base import JobContext, StepReport
+
+    request, rank = job.request, spec.rank
+    device = torch.device(spec.device)
+    marks: dict[str, float] = {}
+    renderer = (
+        PreviewRenderer(adapter, pipe, request, spec.entry.path) if rank == 0 and job.previews else None
+    )
+
+    def emit(event: Any) -> None:
+        results.put(("event", rank, event))
+
+    def first_denoise() -> None:
+        marks["denoise_start"] = time.perf_counter()
+        if rank == 0:
+            emit(StageEvent(job.job_id, "denoise"))
+
+    def on_step(report: StepReport) -> None:
+        marks["denoise_end"] = time.perf_counter()
+        emit(
+            StepEvent(
+                job.job_id,
+                rank,
+                report.step,
+                request.steps,
+                report.action,
+                report.compute_s,
+                report.comm_wait_s,
+            )
+        )
+        if renderer and report.pred_original_sample is not None and renderer.due(report.step, request.steps):
+            images, indices = renderer.render(report.pred_original_sample)
+            emit(PreviewEvent(job.job_id, report.step, request.steps, images, indices))
+
+    ctx = JobContext(
+        rank=rank,
+        world_size=spec.world_size,
+        device=device,
+        total_steps=request.steps,
+        options=dict(request.strategy_options),
+        adapter=adapter,
+        pipe=pipe,
+        params=request,
+        cancel_requested=cancel.is_set,
+        on_step=on_step,
+        on_first_denoise=first_denoise,
+    )
+    strategy = strategy_class(request.strategy)(ctx)
+    generator = torch.Generator(device="cpu" if spec.device == "cpu" else device).manual_seed(request.seed)
+    kwargs = adapter.pipeline_kwargs(request, generator)
+    decodes_in_pipeline = getattr(adapter, "decodes_in_pipeline", False)
+    if rank > 0 and decodes_in_pipeline:
+        kwargs["output_type"] = "latent"  # only rank 0 decodes
+    if rank == 0:
+        emit(StageEvent(job.job_id, "encode"))
+    strategy.install(pipe)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            result = pipe(**kwargs)
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"Out of memory on {spec.device} in the denoising loop.",
+            "Ask for fewer frames, a smaller size or shorter audio, use fp16/bf16, or fewer devices per model copy.",
+        ) from None
+    finally:
+        strategy.uninstall()
+    loop_end = marks.get("denoise_end", time.perf_counter())
+    timings = {
+        "encode_s": marks.get("denoise_start", start) - start,
+        "denoise_s": loop_end - marks.get("denoise_start", start),
+    }
+    payload: dict[str, Any] = {"counters": strategy.counters.to_dict(), "timings": timings}
+    if rank != 0:
+        return payload
+    if cancel.is_set():
+        raise JobCancelled()  # skip the decode
+    emit(StageEvent(job.job_id, "decode"))
+    decode_start = time.perf_counter()
+    with torch.inference_mode():
+        if decodes_in_pipeline:
+            latents = None
+            output = adapter.decoded_output(result)
+        else:
+            latents = result.frames if hasattr(result, "frames") else result.audios
+            output = adapter.decode(pipe, latents, request)
+    timings["decode_s"] = time.perf_counter() - decode_start
+    payload.update(
+        output=output,
+        rate=adapter.output_rate(pipe, request),
+        latents=None if latents is None else latents.float().cpu().numpy(),
+    )
+    return payload
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UserError):
+        return str(exc)
+    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    if os.environ.get("PARASTEP_DEBUG"):
+        detail += "\n" + traceback.format_exc()
+    return detail

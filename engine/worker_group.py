@@ -1,0 +1,177 @@
+"""A group of worker processes, one per device, joined in one torch.distributed group.
+
+The group stays warm between jobs with the same model and devices. A dead worker or a collective
+that timed out breaks the group: the job fails with a clear message and the group is torn down so
+that the next job starts a fresh one. No process outlives the group.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from engine.catalog import ModelEntry
+from engine.errors import JobCancelled, UserError, WorkerFailure
+from engine.worker import Job, WorkerSpec, worker_main
+
+POLL_S = 0.2
+DEFAULT_COLLECTIVE_TIMEOUT_S = float(os.environ.get("PARASTEP_COLLECTIVE_TIMEOUT_S", "30"))
+LOAD_TIMEOUT_S = float(os.environ.get("PARASTEP_LOAD_TIMEOUT_S", "900"))
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class WorkerGroup:
+    """Spawns, feeds and tears down the workers of one (model, devices, dtype) combination."""
+
+    def __init__(
+        self,
+        entry: ModelEntry,
+        devices: list[str],
+        dtype: str = "auto",
+        collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+    ) -> None:
+        self.entry, self.devices, self.dtype = entry, list(devices), dtype
+        self.collective_timeout_s = collective_timeout_s
+        self.key = (str(entry.path), tuple(devices), dtype)
+        self._ctx = mp.get_context("spawn")
+        self.cancel = self._ctx.Event()
+        self.results = self._ctx.Queue()
+        self.commands: list[Any] = []
+        self.processes: list[Any] = []
+        self.load_s = 0.0
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    def alive(self) -> bool:
+        return bool(self.processes) and all(p.is_alive() for p in self.processes)
+
+    # ---- life cycle -----------------------------------------------------------------------------
+    def start(self, on_event: Callable[[Any], None] | None = None) -> None:
+        if sys.platform.startswith("linux"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # peers talk over loopback only
+        init = f"tcp://127.0.0.1:{_free_loopback_port()}" if self.world_size > 1 else None
+        start = time.perf_counter()
+        for rank, device in enumerate(self.devices):
+            spec = WorkerSpec(
+                rank, self.world_size, device, init, self.collective_timeout_s, self.entry, self.dtype
+            )
+            commands = self._ctx.Queue()
+            process = self._ctx.Process(
+                target=worker_main,
+                args=(spec, commands, self.results, self.cancel),
+                name=f"parastep-worker-{rank}",
+                daemon=True,
+            )
+            process.start()
+            self.commands.append(commands)
+            self.processes.append(process)
+        loaded: set[int] = set()
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while len(loaded) < self.world_size:
+            message = self._next(deadline, "loading the model")
+            if message[0] == "loaded":
+                loaded.add(message[1])
+            elif message[0] == "error":
+                self.shutdown()
+                raise UserError(
+                    f"Loading '{self.entry.name}' on {self.devices[message[1]]} failed: {message[2]}"
+                )
+        self.load_s = time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        """Stops every worker: politely, then by force. Safe to call more than once."""
+        for commands, process in zip(self.commands, self.processes, strict=True):
+            if process.is_alive():
+                try:
+                    commands.put(("stop", None))
+                except (OSError, ValueError):
+                    pass
+        deadline = time.monotonic() + 5.0
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5.0)
+        for channel in [*self.commands, self.results]:
+            channel.close()
+            channel.join_thread()
+        self.processes, self.commands = [], []
+
+    # ---- jobs -------------------------------------------------------------------------------------
+    def run(self, job: Job, on_event: Callable[[Any], None]) -> dict[str, Any]:
+        """Runs one job on every rank; returns rank 0's payload with every rank's counters."""
+        if not self.alive():
+            raise WorkerFailure("The worker group is not running.")
+        self.cancel.clear()
+        for commands in self.commands:
+            commands.put(("run", job))
+        payloads: dict[int, dict[str, Any]] = {}
+        cancelled: set[int] = set()
+        errors: dict[int, str] = {}
+        deadline = None
+        while len(payloads) + len(cancelled) + len(errors) < self.world_size:
+            message = self._next(deadline, "running the job")
+            kind, rank, body = message
+            if kind == "event":
+                if getattr(body, "job_id", None) == job.job_id:
+                    on_event(body)
+            elif kind == "done":
+                payloads[rank] = body
+            elif kind == "cancelled":
+                cancelled.add(rank)
+            elif kind == "error":
+                errors[rank] = body
+                # Peers blocked on this rank fail by their collective timeout; give them that long.
+                deadline = time.monotonic() + self.collective_timeout_s + 10.0
+        if errors:
+            if self.world_size > 1:
+                self.shutdown()  # peers may be mid-collective: start afresh next time
+            rank = min(errors)
+            raise UserError(f"The job failed on rank {rank} ({self.devices[rank]}): {errors[rank]}")
+        if cancelled:
+            if len(cancelled) != self.world_size and self.world_size > 1:
+                self.shutdown()
+            raise JobCancelled()
+        result = payloads[0]
+        result["ranks"] = [payloads[r]["counters"] for r in range(self.world_size)]
+        result["rank_timings"] = [payloads[r]["timings"] for r in range(self.world_size)]
+        return result
+
+    def _next(self, deadline: float | None, doing: str) -> tuple:
+        """The next message; raises WorkerFailure if a worker died or the deadline passed."""
+        while True:
+            try:
+                return self.results.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
+            dead = [(r, p) for r, p in enumerate(self.processes) if not p.is_alive()]
+            if dead or (deadline is not None and time.monotonic() > deadline):
+                try:  # a last message may still be in flight (e.g. the error that made it exit)
+                    return self.results.get(timeout=1.0)
+                except queue.Empty:
+                    pass
+                self.shutdown()
+                if dead:
+                    rank, process = dead[0]
+                    raise WorkerFailure(
+                        f"Worker {rank} ({self.devices[rank]}) died while {doing} (exit code {process.exitcode})."
+                        " The worker group was stopped; the next job starts a new one."
+                    )
+                raise WorkerFailure(
+                    f"Workers did not answer in time while {doing}; the worker group was stopped."
+                )

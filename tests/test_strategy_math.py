@@ -1,0 +1,47 @@
+"""Closed forms the strategies and the benchmarks rely on."""
+
+import pytest
+
+from engine.compare import parse_strategy_specs
+from engine.strategies import ideal_speedup
+from engine.strategies.base import warmup_and_rounds
+from engine.strategies.parastep import expected_traffic
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, 1.0), (2, 1.79), (4, 2.94), (8, 4.55)])
+def test_ideal_speedup_matches_published_bound(n, expected):
+    assert ideal_speedup(50, 5, n) == pytest.approx(expected, abs=0.005)
+
+
+def test_rounds_cover_every_step_after_warmup_once():
+    rounds = warmup_and_rounds(50, 5, 4)
+    steps = [s + j for s, n in rounds for j in range(n)]
+    assert steps == list(range(5, 50))
+    assert rounds[-1] == (49, 1)
+
+
+def test_traffic_formula_two_ranks():
+    # T=10, W=2, N=2: rounds (2,2) (4,2) (6,2) (8,2); rank 1 sends 4 predictions.
+    t = expected_traffic(10, 2, 2, prediction_bytes=100, latent_bytes=40)
+    flags = 2 + 3  # after each warm-up step, after every round but the last
+    assert t[1]["bytes_sent"] == 4 * 100
+    assert t[0]["bytes_received"] == 4 * 100
+    assert t[0]["bytes_sent"] == flags * 1 + 3 * 40
+    assert t[1]["bytes_received"] == t[0]["bytes_sent"]
+
+
+def test_traffic_formula_partial_last_round():
+    # T=9, W=2, N=3: rounds (2,3) (5,3) (8,1): rank 2 sends twice, rank 1 twice; last round none.
+    t = expected_traffic(9, 2, 3, prediction_bytes=10, latent_bytes=7)
+    assert [r["bytes_sent"] for r in t[1:]] == [20, 20]
+    assert t[0]["bytes_received"] == 40
+    assert t[0]["bytes_sent"] == 2 * ((2 + 2) * 1 + 2 * 7)
+
+
+def test_single_rank_sends_nothing():
+    assert expected_traffic(50, 5, 1, 10, 10) == [{"bytes_sent": 0, "bytes_received": 0}]
+
+
+def test_strategy_specs_keep_gpu_lists_together():
+    specs = parse_strategy_specs("sequential@cuda:0,parastep@cuda:0,1,batchstep", "cpu:1")
+    assert specs == [("sequential", "cuda:0"), ("parastep", "cuda:0,1"), ("batchstep", "cpu:1")]
