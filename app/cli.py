@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
 
@@ -105,25 +104,10 @@ class ProgressPrinter:
             pass
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no infinity: an identical clip's PSNR/SNR prints as the string "inf"."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def print_json(data: Any) -> None:
-    print(json.dumps(_finite(data), indent=2, default=_json_default))
+    from engine.metrics import json_safe  # JSON has no infinity: an identical clip's PSNR is "inf"
+
+    print(json.dumps(json_safe(data), indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
