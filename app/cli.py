@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from engine.errors import JobCancelled, UserError, WorkerFailure
-from engine.protocol import GenerationRequest, PreviewEvent, StageEvent, StepEvent
+from engine.protocol import GenerationRequest, StageEvent, StepEvent
 
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:

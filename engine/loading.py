@@ -74,7 +74,7 @@ def load_pipeline(entry: ModelEntry, device: str, dtype: Any) -> Any:
         pipe = DiffusionPipeline.from_pretrained(
             str(entry.path), local_files_only=True, use_safetensors=True, torch_dtype=dtype
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise UserError(
             f"Could not load model '{entry.name}' from '{entry.path}': {exc}",
             "Check that the folder is a complete diffusers pipeline with safetensors weights.",
