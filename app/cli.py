@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="parastep-studio",
-        description="Generate video and audio clips with diffusion models, step-parallel over GPUs or CPU workers.",
+        description="Generate video and audio clips with diffusion models, step-parallel over devices.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="make one clip")
@@ -92,16 +92,14 @@ class ProgressPrinter:
         import time
 
         if isinstance(event, StageEvent):
+            self.started = time.perf_counter() if event.stage == "denoise" else None
             print(f"\n[{event.stage}]", end="", file=sys.stderr, flush=True)
-        elif isinstance(event, StepEvent) and event.rank == 0:
-            now = time.perf_counter()
-            self.started = self.started or now
-            rate = event.step / (now - self.started) if now > self.started else 0.0
-            print(
-                f"\r[denoise] step {event.step + 1}/{event.total} {rate:5.1f} it/s", end="", file=sys.stderr
-            )
-        elif isinstance(event, PreviewEvent):
-            pass
+        elif isinstance(event, StepEvent) and event.rank == 0 and self.started is not None:
+            elapsed = time.perf_counter() - self.started
+            rate = (event.step + 1) / elapsed if elapsed > 0 else 0.0
+            eta = (event.total - event.step - 1) / rate if rate else 0.0
+            line = f"\r[denoise] step {event.step + 1}/{event.total}  {rate:5.1f} it/s  ETA {eta:4.1f} s"
+            print(line, end="", file=sys.stderr, flush=True)
 
 
 def print_json(data: Any) -> None:

@@ -168,7 +168,8 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
     except torch.OutOfMemoryError:
         raise UserError(
             f"Out of memory on {spec.device} in the denoising loop.",
-            "Ask for fewer frames, a smaller size or shorter audio, use fp16/bf16, or fewer devices per model copy.",
+            "Ask for fewer frames, a smaller size or shorter audio, use fp16/bf16, "
+            "or fewer devices per model copy.",
         ) from None
     finally:
         strategy.uninstall()

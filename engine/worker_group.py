@@ -169,7 +169,8 @@ class WorkerGroup:
                 if dead:
                     rank, process = dead[0]
                     raise WorkerFailure(
-                        f"Worker {rank} ({self.devices[rank]}) died while {doing} (exit code {process.exitcode})."
+                        f"Worker {rank} ({self.devices[rank]}) died while {doing} "
+                        f"(exit code {process.exitcode})."
                         " The worker group was stopped; the next job starts a new one."
                     )
                 raise WorkerFailure(

@@ -57,7 +57,7 @@ class SVDAdapter(FamilyAdapter):
             raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 7.")
         if request.guidance_scale < MIN_GUIDANCE:
             raise UserError(
-                f"SVD's guidance scale rises per frame from {MIN_GUIDANCE}; {request.guidance_scale} is lower.",
+                f"SVD's guidance rises per frame from {MIN_GUIDANCE}; {request.guidance_scale} is lower.",
                 "Use --guidance-scale 1.0 or more.",
             )
 
