@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from engine.errors import JobCancelled, UserError, WorkerFailure
@@ -80,26 +81,32 @@ def request_from_args(args: argparse.Namespace, strategy: str = "sequential") ->
 
 
 class ProgressPrinter:
-    """One status line on stderr while a job runs (stages, step n/N, it/s)."""
+    """Stage lines and one live step line (step n/N, it/s, ETA) on stderr while a job runs."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.started: float | None = None
+        self.live_line = False  # a \r-updated line is open
 
     def __call__(self, event: Any) -> None:
         if self.quiet:
             return
-        import time
-
         if isinstance(event, StageEvent):
+            self.end_line()
             self.started = time.perf_counter() if event.stage == "denoise" else None
-            print(f"\n[{event.stage}]", end="", file=sys.stderr, flush=True)
+            print(f"[{event.stage}]", file=sys.stderr, flush=True)
         elif isinstance(event, StepEvent) and event.rank == 0 and self.started is not None:
             elapsed = time.perf_counter() - self.started
             rate = (event.step + 1) / elapsed if elapsed > 0 else 0.0
             eta = (event.total - event.step - 1) / rate if rate else 0.0
-            line = f"\r[denoise] step {event.step + 1}/{event.total}  {rate:5.1f} it/s  ETA {eta:4.1f} s"
+            line = f"\r  step {event.step + 1}/{event.total}  {rate:5.1f} it/s  ETA {eta:4.1f} s"
             print(line, end="", file=sys.stderr, flush=True)
+            self.live_line = True
+
+    def end_line(self) -> None:
+        if self.live_line:
+            print(file=sys.stderr)
+            self.live_line = False
 
 
 def print_json(data: Any) -> None:

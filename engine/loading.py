@@ -68,12 +68,20 @@ def check_weights(entry: ModelEntry) -> None:
 
 def load_pipeline(entry: ModelEntry, device: str, dtype: Any) -> Any:
     """A stock diffusers pipeline on `device`; nothing is downloaded and no remote code runs."""
-    from diffusers import DiffusionPipeline
+    import warnings
 
+    import transformers
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            str(entry.path), local_files_only=True, use_safetensors=True, torch_dtype=dtype
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # `torch_dtype` is renamed in newer diffusers
+            pipe = DiffusionPipeline.from_pretrained(
+                str(entry.path), local_files_only=True, use_safetensors=True, torch_dtype=dtype
+            )
     except (OSError, ValueError) as exc:
         raise UserError(
             f"Could not load model '{entry.name}' from '{entry.path}': {exc}",

@@ -35,6 +35,12 @@ def _free_loopback_port() -> int:
 class WorkerGroup:
     """Spawns, feeds and tears down the workers of one (model, devices, dtype) combination."""
 
+    _running: set[WorkerGroup] = set()  # every started, not yet shut down group (leak checks)
+
+    @classmethod
+    def running_pids(cls) -> set[int]:
+        return {p.pid for group in cls._running for p in group.processes}
+
     def __init__(
         self,
         entry: ModelEntry,
@@ -79,6 +85,7 @@ class WorkerGroup:
             process.start()
             self.commands.append(commands)
             self.processes.append(process)
+        WorkerGroup._running.add(self)
         loaded: set[int] = set()
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while len(loaded) < self.world_size:
@@ -111,6 +118,7 @@ class WorkerGroup:
             channel.close()
             channel.join_thread()
         self.processes, self.commands = [], []
+        WorkerGroup._running.discard(self)
 
     # ---- jobs -------------------------------------------------------------------------------------
     def run(self, job: Job, on_event: Callable[[Any], None]) -> dict[str, Any]:
@@ -142,7 +150,12 @@ class WorkerGroup:
             if self.world_size > 1:
                 self.shutdown()  # peers may be mid-collective: start afresh next time
             rank = min(errors)
-            raise UserError(f"The job failed on rank {rank} ({self.devices[rank]}): {errors[rank]}")
+            if "Fix:" in errors[rank]:
+                raise UserError(f"The job failed on rank {rank} ({self.devices[rank]}): {errors[rank]}")
+            raise UserError(
+                f"The job failed on rank {rank} ({self.devices[rank]}): {errors[rank]}",
+                "Run it again with PARASTEP_DEBUG=1 for the full trace, and report it if it repeats.",
+            )
         if cancelled:
             if len(cancelled) != self.world_size and self.world_size > 1:
                 self.shutdown()

@@ -1,0 +1,62 @@
+"""Shared fixtures: an output folder per test, and a check that no process is left behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.worker_group import WorkerGroup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_processes() -> dict[int, str]:
+    """pid -> command line of this process's live children (Linux /proc)."""
+    me, children = os.getpid(), {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            state = stat.rsplit(")", 1)[1].split()[0]
+            if ppid == me and state != "Z":
+                children[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return children
+
+
+def leaked_processes() -> dict[int, str]:
+    """Children that belong to no running worker group (multiprocessing's resource tracker aside)."""
+    allowed = WorkerGroup.running_pids()
+    return {
+        pid: cmd
+        for pid, cmd in child_processes().items()
+        if pid not in allowed and "resource_tracker" not in cmd
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    yield
+    leaked = leaked_processes()
+    assert not leaked, f"processes left behind: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def _output_dir(tmp_path, monkeypatch):
+    """Clips go to a fresh folder, never the user's Videos."""
+    out = tmp_path / "clips"
+    monkeypatch.setenv("PARASTEP_OUTPUT_DIR", str(out))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leaked = leaked_processes()
+    if leaked:
+        print(f"\nprocesses left behind at the end of the session: {leaked}")
+        session.exitstatus = 1
