@@ -1,0 +1,529 @@
+"""Build the tiny random-weight diffusers pipelines embedded in ``resources/models``.
+
+Run with ``python -m resources.build_tiny_models [NAME ...] [--out DIR]``. It writes three folders:
+
+* ``tiny-cogvideox``: a ``CogVideoXPipeline`` (text to video) laid out like THUDM/CogVideoX-2b;
+* ``tiny-svd``: a ``StableVideoDiffusionPipeline`` (image to video) laid out like
+  stabilityai/stable-video-diffusion-img2vid;
+* ``tiny-audioldm2``: an ``AudioLDM2Pipeline`` (text to audio) laid out like cvssp/audioldm2-large.
+
+Why: the application, its tests and its benchmarks need pipelines that load exactly like a published
+checkpoint, ``DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)``, and
+run a full generation, decoding included, on a CPU-only machine with no network. The weights are random, so
+the output is noise, but the component classes, scheduler configurations, tokenizer types and tensor layouts
+are those of the real models, so the same code paths run. The folders are small enough to commit to git (a
+few MB in all), yet the CogVideoX transformer is sized so that one denoiser call (batch 2, for classifier-free
+guidance) takes about 40 ms on one CPU thread: speed measurements then measure the model, not Python overhead.
+
+Everything is built from configs with a fixed seed; nothing is downloaded. The tokenizers are built from a
+small English word list. Each folder also gets a ``studio.json`` with the app's default generation settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AudioLDM2Pipeline,
+    AudioLDM2ProjectionModel,
+    AudioLDM2UNet2DConditionModel,
+    AutoencoderKL,
+    AutoencoderKLCogVideoX,
+    AutoencoderKLTemporalDecoder,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    StableVideoDiffusionPipeline,
+    UNetSpatioTemporalConditionModel,
+)
+from diffusers.utils import logging as diffusers_logging
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    ClapAudioConfig,
+    ClapConfig,
+    ClapFeatureExtractor,
+    ClapModel,
+    ClapTextConfig,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    GPT2Config,
+    GPT2LMHeadModel,
+    RobertaTokenizer,
+    SpeechT5HifiGan,
+    SpeechT5HifiGanConfig,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+from transformers.utils import logging as transformers_logging
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+SEED = 0
+
+# Vocabulary of the locally built tokenizers: common English words of video and audio prompts.
+WORDS = """
+a an the of in on at to from with and or but by for into over under above below near behind through across
+is are was be being it its this that these those there here very slowly quickly gently softly loudly
+man woman person people child boy girl baby crowd dancer singer drummer guitarist pianist astronaut robot
+dog cat bird horse cow sheep fish whale dolphin lion tiger bear monkey panda rabbit fox wolf owl eagle duck
+insect bee butterfly frog snake squirrel deer elephant
+car truck train bus bicycle motorcycle boat ship plane airplane helicopter rocket engine siren horn bell
+clock phone door window wall floor roof table chair bed kitchen room house building city street road
+bridge tower castle village market station park garden farm forest jungle desert mountain hill valley
+river lake sea ocean beach wave waves island sky cloud clouds sun moon star stars rain snow wind storm
+thunder lightning fire smoke water ice rock stone sand grass tree trees flower flowers leaf leaves
+red orange yellow green blue purple pink brown black white gray grey golden silver dark bright colorful
+big small large tiny tall short long old young new beautiful cute happy sad calm quiet noisy loud soft
+hard warm cold hot wet dry sunny cloudy foggy night day morning evening sunset sunrise spring summer
+autumn winter
+walking running jumping flying swimming dancing singing playing talking laughing crying barking meowing
+chirping roaring buzzing ringing knocking hitting tapping clapping falling rolling spinning driving riding
+eating drinking sleeping sitting standing looking smiling cooking reading writing painting burning
+flowing crashing splashing blowing whistling humming typing
+sound music song melody rhythm beat drum drums guitar piano violin flute trumpet saxophone bass voice
+speech noise applause footsteps techno jazz classical ambient orchestra choir electronic
+hammer wooden wood metal glass paper plastic surface
+camera shot view scene close closeup aerial wide slow motion cinematic realistic photo video film style
+drawing cartoon animation anime detailed high quality resolution 4k hd background foreground
+light shadow lights neon color colors
+one two three four five many some all
+""".split()
+
+# Single characters: the T5 (unigram) tokenizer's fallback pieces for words outside WORDS.
+FALLBACK_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()&/"
+
+Built = tuple[DiffusionPipeline, dict[str, Any]]
+
+
+# --- Tokenizers and text encoders ---------------------------------------------------------------------------
+
+
+def build_t5_tokenizer(model_max_length: int) -> T5Tokenizer:
+    """A T5 tokenizer (SentencePiece-style unigram) over ``WORDS``, falling back to single characters."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]  # T5's ids: pad=0, eos=1, unk=2
+    pieces += [("\u2581" + word, -2.0) for word in dict.fromkeys(WORDS)]
+    pieces += [("\u2581", -3.0)] + [(char, -5.0) for char in FALLBACK_CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_roberta_tokenizer(model_max_length: int) -> RobertaTokenizer:
+    """A RoBERTa tokenizer (byte-level BPE, as CLAP's text branch uses) with merges trained on ``WORDS``."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],  # ids 0-4: CLAP's bos=0, pad=1, eos=2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([" ".join(WORDS), " ".join(word.capitalize() for word in WORDS)], trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return RobertaTokenizer(vocab=trained["vocab"], merges=merges, model_max_length=model_max_length)
+
+
+def build_t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
+    """A two-layer T5 v1.1 (gated-gelu) encoder; its relative position buckets take any sequence length."""
+    torch.manual_seed(SEED)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // 2,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+# --- CogVideoX (text to video), laid out like THUDM/CogVideoX-2b --------------------------------------------
+
+COGVIDEOX_DEFAULTS = {"steps": 20, "frames": 9, "height": 128, "width": 192, "fps": 8, "guidance_scale": 6.0}
+
+
+def build_cogvideox() -> Built:
+    """T5 text encoder (prompts padded to 226 tokens), DiT with 3D sin-cos positions, causal 3D VAE."""
+    defaults = COGVIDEOX_DEFAULTS
+    vae_spatial, vae_temporal = 8, 4
+    text_dim = 32
+
+    tokenizer = build_t5_tokenizer(model_max_length=226)
+    text_encoder = build_t5_encoder(len(tokenizer), text_dim)
+
+    # 6 layers of width 64 over 226 text + 3 * 8 * 12 video tokens: ~40 ms per call (batch 2, one thread).
+    torch.manual_seed(SEED)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=16,
+        out_channels=16,
+        time_embed_dim=16,
+        text_embed_dim=text_dim,
+        num_layers=6,
+        sample_width=defaults["width"] // vae_spatial,
+        sample_height=defaults["height"] // vae_spatial,
+        sample_frames=defaults["frames"],
+        patch_size=2,
+        temporal_compression_ratio=vae_temporal,
+        max_text_seq_length=226,
+        use_rotary_positional_embeddings=False,
+    )
+
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 8, 8),  # 4 blocks: 8x spatial compression
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=vae_temporal,
+        sample_height=defaults["height"],
+        sample_width=defaults["width"],
+        scaling_factor=1.15258426,
+    )
+
+    scheduler = CogVideoXDDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=3.0,  # CogVideoX-2b's value; CogVideoX-5b uses 1.0
+    )
+
+    pipe = CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    description = (
+        "Tiny random-weight CogVideoX (CogVideoX-2b layout) for tests and CPU benchmarks; outputs noise."
+    )
+    return pipe, {"family": "cogvideox", "description": description, "defaults": dict(defaults)}
+
+
+# --- Stable Video Diffusion (image to video), laid out like stabilityai/stable-video-diffusion-img2vid ------
+
+# guidance_scale is the pipeline's max_guidance_scale; its min_guidance_scale is 1.0.
+SVD_DEFAULTS = {
+    "steps": 20,
+    "frames": 8,
+    "height": 64,
+    "width": 96,
+    "fps": 7,
+    "guidance_scale": 3.0,
+    "min_guidance_scale": 1.0,
+}
+
+
+def build_svd() -> Built:
+    """CLIP vision encoder (224 px input), spatio-temporal UNet, KL VAE with a temporal decoder."""
+    defaults = SVD_DEFAULTS
+    embed_dim = 32
+
+    torch.manual_seed(SEED)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=embed_dim,
+            projection_dim=embed_dim,
+            intermediate_size=2 * embed_dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,  # the pipeline always resizes the conditioning image to 224x224
+            patch_size=14,
+        )
+    )
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    )
+
+    # One resolution level (no UNet downsampling) whose mid block cross-attends to the image embedding: the
+    # smallest layout that runs every SVD code path. Its group norms need multiples of 32 channels.
+    torch.manual_seed(SEED)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=defaults["height"] // 8,
+        in_channels=8,  # noisy latents + conditioning image latents
+        out_channels=4,
+        down_block_types=("DownBlockSpatioTemporal",),
+        up_block_types=("UpBlockSpatioTemporal",),
+        block_out_channels=(32,),
+        addition_time_embed_dim=16,
+        projection_class_embeddings_input_dim=3 * 16,  # fps, motion bucket id, noise augmentation strength
+        layers_per_block=1,
+        cross_attention_dim=embed_dim,
+        num_attention_heads=(2,),
+        num_frames=defaults["frames"],
+    )
+
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLTemporalDecoder(
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks: 8x spatial compression
+        block_out_channels=(32, 32, 32, 32),  # the temporal decoder's group norms need multiples of 32
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=defaults["height"],
+        scaling_factor=0.18215,
+    )
+
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=feature_extractor,
+    )
+    # Without torchvision, transformers 5 hands out CLIPImageProcessorPil for CLIPImageProcessor. Record the
+    # public class name, as the real checkpoint does, so the folder loads the same way with or without it.
+    pipe.register_to_config(feature_extractor=("transformers", "CLIPImageProcessor"))
+    description = (
+        "Tiny random-weight Stable Video Diffusion (img2vid layout) for tests and CPU benchmarks; outputs "
+        "noise. guidance_scale is the pipeline's max_guidance_scale."
+    )
+    return pipe, {"family": "svd", "description": description, "defaults": dict(defaults)}
+
+
+# --- AudioLDM2 (text to audio), laid out like cvssp/audioldm2-large -----------------------------------------
+
+AUDIOLDM2_DEFAULTS = {"steps": 20, "seconds": 2.0, "guidance_scale": 3.5}
+
+
+def build_audioldm2() -> Built:
+    """CLAP and Flan-T5 text encoders, GPT-2, UNet over mel-spectrogram latents, 16 kHz HiFi-GAN vocoder."""
+    defaults = AUDIOLDM2_DEFAULTS
+    clap_dim, t5_dim, lm_dim = 32, 32, 32
+    mel_bins, vae_factor = 64, 4
+    upsample_rates = [5, 4, 2, 2, 2]  # 160 samples (10 ms) per mel frame, as in AudioLDM2
+    sampling_rate = 16000
+    mel_frames = round(defaults["seconds"] * sampling_rate / math.prod(upsample_rates))
+
+    tokenizer = build_roberta_tokenizer(model_max_length=512)  # CLAP pads every prompt to 512 tokens
+    tokenizer_2 = build_t5_tokenizer(model_max_length=128)  # AudioLDM2's Flan-T5 limit
+
+    torch.manual_seed(SEED)
+    text_config = ClapTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=clap_dim,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * clap_dim,
+        max_position_embeddings=514,
+        projection_dim=clap_dim,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+    )
+    # The audio branch only ranks waveforms (num_waveforms_per_prompt > 1 with librosa installed).
+    audio_config = ClapAudioConfig(
+        spec_size=256,
+        num_mel_bins=mel_bins,
+        patch_size=4,
+        patch_stride=4,
+        window_size=8,
+        patch_embeds_hidden_size=16,
+        hidden_size=32,  # patch_embeds_hidden_size * 2 ** (len(depths) - 1)
+        depths=[1, 1],
+        num_attention_heads=[2, 2],
+        intermediate_size=64,
+        projection_dim=clap_dim,
+    )
+    text_encoder = ClapModel(
+        ClapConfig(
+            text_config=text_config.to_dict(), audio_config=audio_config.to_dict(), projection_dim=clap_dim
+        )
+    )
+    # "rand_trunc": one-channel features, as the unfused CLAP (laion/clap-htsat-unfused) expects.
+    feature_extractor = ClapFeatureExtractor(
+        feature_size=mel_bins, sampling_rate=48000, truncation="rand_trunc"
+    )
+
+    text_encoder_2 = build_t5_encoder(len(tokenizer_2), t5_dim)
+
+    torch.manual_seed(SEED)
+    projection_model = AudioLDM2ProjectionModel(
+        text_encoder_dim=clap_dim, text_encoder_1_dim=t5_dim, langauge_model_dim=lm_dim
+    )
+
+    # GPT2LMHeadModel, not GPT2Model: since transformers 4.50 only models with a head inherit GenerationMixin,
+    # whose _update_model_kwargs_for_generation the pipeline's generate_language_model calls.
+    torch.manual_seed(SEED)
+    lm_config = GPT2Config(
+        vocab_size=64,  # unused: the pipeline feeds input embeddings, never token ids
+        n_positions=256,
+        n_embd=lm_dim,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    lm_config.max_new_tokens = 8  # AudioLDM2 generates 8 "language of audio" vectors
+    language_model = GPT2LMHeadModel(lm_config)
+
+    # Two resolution levels; cross-attention to the GPT-2 and T5 states happens in the mid block only.
+    torch.manual_seed(SEED)
+    unet = AudioLDM2UNet2DConditionModel(
+        sample_size=mel_frames // vae_factor,  # sets the pipeline's default audio_length_in_s
+        in_channels=8,
+        out_channels=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=4,
+        cross_attention_dim=([None, lm_dim, t5_dim], [None, lm_dim, t5_dim]),
+    )
+
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,  # 3 blocks: 4x compression, as in AudioLDM2
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=8,
+        sample_size=mel_frames,
+    )
+
+    torch.manual_seed(SEED)
+    vocoder = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=mel_bins,
+            sampling_rate=sampling_rate,
+            upsample_initial_channel=32,
+            upsample_rates=upsample_rates,
+            upsample_kernel_sizes=[10, 8, 4, 4, 4],
+            resblock_kernel_sizes=[3, 7],
+            resblock_dilation_sizes=[[1, 3], [1, 3]],
+            normalize_before=False,
+            initializer_range=0.2,  # with the default 0.01 the random vocoder outputs ~1e-10: silence
+        )
+    )
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0015,
+        beta_end=0.0195,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+    pipe = AudioLDM2Pipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        projection_model=projection_model,
+        language_model=language_model,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        feature_extractor=feature_extractor,
+        unet=unet,
+        scheduler=scheduler,
+        vocoder=vocoder,
+    )
+    description = (
+        f"Tiny random-weight AudioLDM2 (audioldm2-large layout, {sampling_rate} Hz) for tests and CPU "
+        "benchmarks; outputs noise."
+    )
+    return pipe, {"family": "audioldm2", "description": description, "defaults": dict(defaults)}
+
+
+# --- Saving -------------------------------------------------------------------------------------------------
+
+BUILDERS: dict[str, Callable[[], Built]] = {
+    "tiny-cogvideox": build_cogvideox,
+    "tiny-svd": build_svd,
+    "tiny-audioldm2": build_audioldm2,
+}
+
+
+def save_model(pipe: DiffusionPipeline, studio: dict[str, Any], target: Path) -> None:
+    """Save ``pipe`` (safetensors) and ``studio.json`` in a temporary folder, then move it to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / "studio.json").write_text(json.dumps(studio, indent=2) + "\n")
+        for path in [staging, *staging.rglob("*")]:  # mkdtemp makes a private folder: use ordinary modes
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if target.exists():
+            old = target.with_name(f".{target.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def build_all(models_dir: Path = MODELS_DIR, names: list[str] | None = None) -> list[Path]:
+    """Build and save the named tiny models (all by default) under ``models_dir``; return their folders."""
+    folders = []
+    for name in names or list(BUILDERS):
+        pipe, studio = BUILDERS[name]()
+        save_model(pipe, studio, models_dir / name)
+        folders.append(models_dir / name)
+    return folders
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"any of {', '.join(BUILDERS)} (default: all)"
+    )
+    parser.add_argument("--out", type=Path, default=MODELS_DIR, help="output folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(BUILDERS))
+    if unknown:
+        parser.error(f"unknown model name(s): {', '.join(unknown)}")
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    for folder in build_all(args.out, args.names):
+        size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        print(f"{folder}: {size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
