@@ -202,6 +202,11 @@ class Engine:
             "ranks": result.ranks,
         }
 
+    def cancel(self) -> None:
+        """Stops the running job at the next step boundary that every rank agrees on; skips the decode."""
+        if self.group is not None:
+            self.group.cancel.set()
+
     def shutdown(self) -> None:
         if self.group is not None:
             self.group.shutdown()

@@ -121,3 +121,39 @@ def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def write_model_factors(folder: Path, image: str | None = None) -> Path:
+    """Fits a model's preview map once and stores it in the model folder (used for shipped models).
+
+    The latents come from a short run at the model's default size; SVD needs a conditioning image.
+    """
+    import tempfile
+
+    from engine.catalog import read_entry
+    from engine.loading import load_pipeline
+    from engine.models import adapter_for
+    from engine.protocol import GenerationRequest
+
+    entry = read_entry(folder)
+    adapter = adapter_for(entry)
+    pipe = load_pipeline(entry, "cpu", torch.float32)
+    with tempfile.TemporaryDirectory() as scratch:
+        if entry.family == "svd" and image is None:
+            from PIL import Image
+
+            image = str(Path(scratch) / "gradient.png")
+            ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+            red, green = np.meshgrid(ramp, ramp[::-1])
+            Image.fromarray(np.stack([red, green, np.full_like(red, 128)], -1)).save(image)
+        request = adapter.resolve(
+            GenerationRequest(model=str(folder), prompt="a preview", image=image, steps=4), entry
+        )
+        kwargs = adapter.pipeline_kwargs(request, torch.Generator("cpu").manual_seed(0))
+        with torch.inference_mode():
+            result = pipe(**kwargs)
+        latents = result.frames if hasattr(result, "frames") else result.audios
+        factors = PreviewRenderer(adapter, pipe, request, folder).fit(latents)
+    target = folder / FACTORS_FILE
+    target.write_text(json.dumps(factors, indent=1) + "\n")
+    return target

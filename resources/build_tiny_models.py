@@ -69,6 +69,8 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from engine.previews import write_model_factors
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 SEED = 0
 
@@ -503,6 +505,7 @@ def build_all(models_dir: Path = MODELS_DIR, names: list[str] | None = None) -> 
     for name in names or list(BUILDERS):
         pipe, studio = BUILDERS[name]()
         save_model(pipe, studio, models_dir / name)
+        write_model_factors(models_dir / name)  # previews need no VAE decode at run time
         folders.append(models_dir / name)
     return folders
 
