@@ -85,7 +85,7 @@ def read_entry(path: Path, name: str | None = None, source: str = "local") -> Mo
         claimed = studio.get("family")
         if claimed and claimed != family:
             raise UserError(
-                f"'{path}' claims to be a {claimed} model but its pipeline is {pipeline_class} ({family}).",
+                f"'{path}' claims family '{claimed}' but its pipeline is {pipeline_class} ({family}).",
                 f"Correct 'family' in {STUDIO_FILE} or use the right folder.",
             )
     return ModelEntry(
