@@ -4,20 +4,12 @@ import pytest
 
 from engine.compare import parse_strategy_specs
 from engine.strategies import ideal_speedup
-from engine.strategies.base import warmup_and_rounds
 from engine.strategies.parastep import expected_traffic
 
 
 @pytest.mark.parametrize(("n", "expected"), [(1, 1.0), (2, 1.79), (4, 2.94), (8, 4.55)])
 def test_ideal_speedup_matches_published_bound(n, expected):
     assert ideal_speedup(50, 5, n) == pytest.approx(expected, abs=0.005)
-
-
-def test_rounds_cover_every_step_after_warmup_once():
-    rounds = warmup_and_rounds(50, 5, 4)
-    steps = [s + j for s, n in rounds for j in range(n)]
-    assert steps == list(range(5, 50))
-    assert rounds[-1] == (49, 1)
 
 
 def test_traffic_formula_two_ranks():

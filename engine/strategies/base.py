@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,8 +55,7 @@ class JobContext:
     cancel_requested: Callable[[], bool] = lambda: False
     on_step: Callable[[StepReport], None] = lambda report: None
     on_first_denoise: Callable[[], None] = lambda: None
-    group: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    group: Any = None  # the torch.distributed group; None is the default (world) group
 
 
 def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
@@ -238,16 +237,6 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
         f"{type(pipe).__name__} has neither a transformer nor a UNet to run a strategy on.",
         "Use a pipeline whose loop calls one denoiser per step.",
     )
-
-
-def warmup_and_rounds(total_steps: int, warmup: int, width: int) -> list[tuple[int, int]]:
-    """The rounds after warm-up as (first step, number of steps) pairs."""
-    rounds = []
-    start = warmup
-    while start < total_steps:
-        rounds.append((start, min(width, total_steps - start)))
-        start += width
-    return rounds
 
 
 def ideal_speedup(total_steps: int, warmup: int, width: int) -> float:
