@@ -24,6 +24,7 @@ from engine.worker import Job, WorkerSpec, worker_main
 POLL_S = 0.2
 DEFAULT_COLLECTIVE_TIMEOUT_S = float(os.environ.get("PARASTEP_COLLECTIVE_TIMEOUT_S", "30"))
 LOAD_TIMEOUT_S = float(os.environ.get("PARASTEP_LOAD_TIMEOUT_S", "900"))
+ERROR_GRACE_S = 2.0  # after one rank fails, how long its peers get to report before they are stopped
 
 
 def _free_loopback_port() -> int:
@@ -90,6 +91,11 @@ class WorkerGroup:
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while len(loaded) < self.world_size:
             message = self._next(deadline, "loading the model")
+            if message is None:
+                self.shutdown(force=True)
+                raise WorkerFailure(
+                    f"Loading '{self.entry.name}' took more than {LOAD_TIMEOUT_S:.0f} s; stopped."
+                )
             if message[0] == "loaded":
                 loaded.add(message[1])
             elif message[0] == "error":
@@ -99,15 +105,18 @@ class WorkerGroup:
                 )
         self.load_s = time.perf_counter() - start
 
-    def shutdown(self) -> None:
-        """Stops every worker: politely, then by force. Safe to call more than once."""
+    def shutdown(self, force: bool = False) -> None:
+        """Stops every worker: politely (unless `force`: a broken group), then by force.
+
+        Safe to call more than once.
+        """
         for commands, process in zip(self.commands, self.processes, strict=True):
-            if process.is_alive():
+            if process.is_alive() and not force:
                 try:
                     commands.put(("stop", None))
                 except (OSError, ValueError):
                     pass
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + (0.0 if force else 5.0)
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))
         for process in self.processes:
@@ -134,6 +143,9 @@ class WorkerGroup:
         deadline = None
         while len(payloads) + len(cancelled) + len(errors) < self.world_size:
             message = self._next(deadline, "running the job")
+            if message is None:  # peers of a failed rank are stuck in a collective
+                self.shutdown(force=True)
+                break
             kind, rank, body = message
             if kind == "event":
                 if getattr(body, "job_id", None) == job.job_id:
@@ -144,48 +156,41 @@ class WorkerGroup:
                 cancelled.add(rank)
             elif kind == "error":
                 errors[rank] = body
-                # Peers blocked on this rank fail by their collective timeout; give them that long.
-                deadline = time.monotonic() + self.collective_timeout_s + 10.0
+                deadline = time.monotonic() + ERROR_GRACE_S
         if errors:
-            if self.world_size > 1:
-                self.shutdown()  # peers may be mid-collective: start afresh next time
             rank = min(errors)
+            where = f"The job failed on rank {rank} ({self.devices[rank]}): {errors[rank]}"
             if "Fix:" in errors[rank]:
-                raise UserError(f"The job failed on rank {rank} ({self.devices[rank]}): {errors[rank]}")
+                raise UserError(where)
             raise UserError(
-                f"The job failed on rank {rank} ({self.devices[rank]}): {errors[rank]}",
-                "Run it again with PARASTEP_DEBUG=1 for the full trace, and report it if it repeats.",
+                where, "Run it again with PARASTEP_DEBUG=1 for the full trace; report it if it repeats."
             )
         if cancelled:
-            if len(cancelled) != self.world_size and self.world_size > 1:
-                self.shutdown()
-            raise JobCancelled()
+            raise JobCancelled()  # every rank agreed on it, so the group stays usable
         result = payloads[0]
         result["ranks"] = [payloads[r]["counters"] for r in range(self.world_size)]
         result["rank_timings"] = [payloads[r]["timings"] for r in range(self.world_size)]
         return result
 
-    def _next(self, deadline: float | None, doing: str) -> tuple:
-        """The next message; raises WorkerFailure if a worker died or the deadline passed."""
+    def _next(self, deadline: float | None, doing: str) -> tuple | None:
+        """The next message, or None once `deadline` passed; WorkerFailure if a worker died."""
         while True:
             try:
                 return self.results.get(timeout=POLL_S)
             except queue.Empty:
                 pass
+            if deadline is not None and time.monotonic() > deadline:
+                return None
             dead = [(r, p) for r, p in enumerate(self.processes) if not p.is_alive()]
-            if dead or (deadline is not None and time.monotonic() > deadline):
+            if dead:
                 try:  # a last message may still be in flight (e.g. the error that made it exit)
                     return self.results.get(timeout=1.0)
                 except queue.Empty:
                     pass
-                self.shutdown()
-                if dead:
-                    rank, process = dead[0]
-                    raise WorkerFailure(
-                        f"Worker {rank} ({self.devices[rank]}) died while {doing} "
-                        f"(exit code {process.exitcode})."
-                        " The worker group was stopped; the next job starts a new one."
-                    )
+                self.shutdown(force=True)
+                rank, process = dead[0]
                 raise WorkerFailure(
-                    f"Workers did not answer in time while {doing}; the worker group was stopped."
+                    f"Worker {rank} ({self.devices[rank]}) died while {doing} "
+                    f"(exit code {process.exitcode}). The worker group was stopped; "
+                    "the next job starts a new one."
                 )

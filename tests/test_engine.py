@@ -65,3 +65,28 @@ def test_cancel_stops_within_a_round_and_leaves_the_group_usable(engine):
     assert engine.group is not None and engine.group.alive()
     result = engine.run(engine.plan(GenerationRequest(**REQUEST, strategy="parastep", devices="cpu:2")))
     assert result.output.shape[0] == 9
+
+
+def test_killed_worker_fails_the_job_quickly_and_the_next_job_runs(engine):
+    import os
+    import signal
+    import time
+
+    from engine.errors import WorkerFailure
+
+    plan = engine.plan(GenerationRequest(**{**REQUEST, "steps": 60}, strategy="parastep", devices="cpu:2"))
+    engine.run(engine.plan(GenerationRequest(**REQUEST, strategy="parastep", devices="cpu:2")), previews=False)
+    victim = engine.group.processes[1].pid
+    started = {}
+
+    def on_event(event):
+        if isinstance(event, StepEvent) and event.step == 5 and "t" not in started:
+            started["t"] = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+
+    with pytest.raises(WorkerFailure, match="died"):
+        engine.run(plan, on_event, previews=False)
+    assert time.monotonic() - started["t"] < 30
+    assert engine.group is None  # torn down; no process left (checked by the autouse fixture)
+    result = engine.run(engine.plan(GenerationRequest(**REQUEST, strategy="parastep", devices="cpu:2")))
+    assert result.output.shape[0] == 9
