@@ -6,6 +6,7 @@ Headless (no Qt). The CLI uses it in-process; the window talks to it in a backgr
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import time
 import uuid
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 from engine.catalog import ModelCatalog, ModelEntry
 from engine.devices import format_devices, parse_devices
-from engine.errors import UserError, WorkerFailure
+from engine.errors import JobCancelled, UserError, WorkerFailure
 from engine.loading import check_weights
 from engine.models import FamilyAdapter, adapter_for
 from engine.protocol import GenerationRequest, StageEvent
@@ -65,6 +66,8 @@ class Engine:
         self.collective_timeout_s = collective_timeout_s
         self.dtype = dtype
         self.group: WorkerGroup | None = None
+        # Owned here, not by a group, so that a cancel during loading is not lost.
+        self._cancel = multiprocessing.get_context("spawn").Event()
 
     # ---- planning (no workers) ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> Plan:
@@ -139,7 +142,7 @@ class Engine:
             self.group = None
         if self.group is None:
             check_weights(plan.entry)
-            group = WorkerGroup(plan.entry, plan.devices, self.dtype, self.collective_timeout_s)
+            group = WorkerGroup(plan.entry, plan.devices, self.dtype, self.collective_timeout_s, self._cancel)
             group.start()
             self.group = group
         return self.group
@@ -149,9 +152,12 @@ class Engine:
         sink = on_event or (lambda event: None)
         job_id = uuid.uuid4().hex[:12]
         start = time.perf_counter()
+        self._cancel.clear()
         sink(StageEvent(job_id, "load"))
         group = self.ensure_group(plan, sink)
         load_s = time.perf_counter() - start
+        if self._cancel.is_set():
+            raise JobCancelled()
         try:
             payload = group.run(Job(job_id, plan.request, previews), sink)
         except WorkerFailure:
@@ -203,9 +209,12 @@ class Engine:
         }
 
     def cancel(self) -> None:
-        """Stops the running job at the next step boundary that every rank agrees on; skips the decode."""
-        if self.group is not None:
-            self.group.cancel.set()
+        """Stops the running job at the next step boundary every rank agrees on; skips the decode.
+
+        Safe to call from another thread, at any stage (a cancel during loading stops the job
+        once the model is loaded).
+        """
+        self._cancel.set()
 
     def shutdown(self) -> None:
         if self.group is not None:

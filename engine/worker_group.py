@@ -48,12 +48,13 @@ class WorkerGroup:
         devices: list[str],
         dtype: str = "auto",
         collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+        cancel: Any = None,
     ) -> None:
         self.entry, self.devices, self.dtype = entry, list(devices), dtype
         self.collective_timeout_s = collective_timeout_s
         self.key = (str(entry.path), tuple(devices), dtype)
         self._ctx = mp.get_context("spawn")
-        self.cancel = self._ctx.Event()
+        self.cancel = cancel if cancel is not None else self._ctx.Event()  # set: stop the running job
         self.results = self._ctx.Queue()
         self.commands: list[Any] = []
         self.processes: list[Any] = []
@@ -134,7 +135,6 @@ class WorkerGroup:
         """Runs one job on every rank; returns rank 0's payload with every rank's counters."""
         if not self.alive():
             raise WorkerFailure("The worker group is not running.")
-        self.cancel.clear()
         for commands in self.commands:
             commands.put(("run", job))
         payloads: dict[int, dict[str, Any]] = {}
