@@ -29,9 +29,15 @@ def child_processes() -> dict[int, str]:
     return children
 
 
+# Children that a fixture keeps across tests on purpose (e.g. an engine process shared by a test
+# module); the fixture adds them when it starts them and removes them once it has stopped them.
+KEPT_PROCESSES: set[int] = set()
+
+
 def leaked_processes() -> dict[int, str]:
-    """Children that belong to no running worker group (multiprocessing's resource tracker aside)."""
-    allowed = WorkerGroup.running_pids()
+    """Children that belong to no running worker group or fixture (multiprocessing's resource
+    tracker aside)."""
+    allowed = WorkerGroup.running_pids() | KEPT_PROCESSES
     return {
         pid: cmd
         for pid, cmd in child_processes().items()
@@ -60,3 +66,28 @@ def pytest_sessionfinish(session, exitstatus):
     if leaked:
         print(f"\nprocesses left behind at the end of the session: {leaked}")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def shared_engine():
+    """One engine for the whole session; it keeps one warm worker group per (model, devices).
+
+    Tests that use it should group their runs by model and devices: switching either restarts the
+    workers (seconds per worker process on a small CPU machine).
+    """
+    from engine.engine import Engine
+
+    with Engine() as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def conditioning_image(tmp_path_factory):
+    """A small RGB PNG for image-conditioned models (SVD)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("images") / "conditioning.png"
+    Image.fromarray(pixels).save(path)
+    return str(path)

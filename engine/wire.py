@@ -1,0 +1,114 @@
+"""Framing of the messages between the window (or a script) and the engine process.
+
+Each message is a 4-byte big-endian unsigned length, then that many bytes of UTF-8 JSON holding one
+object with a string `"type"` (see docs/protocol.md). This module imports only the standard library,
+so the window (which never imports torch) and the engine share it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+
+class WireError(ValueError):
+    """A frame that is not a valid message. The reader has already skipped it; reading goes on."""
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    """The frame for `message` (a dict with a string "type"); raises WireError if it cannot be sent."""
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise WireError("A message must be a JSON object with a string 'type'.")
+    try:
+        body = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"Message '{message['type']}' is not JSON-serialisable ({exc}).") from None
+    data = body.encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireError(
+            f"Message '{message['type']}' is {len(data)} bytes, over the {_limit(MAX_MESSAGE_BYTES)} limit."
+        )
+    return HEADER.pack(len(data)) + data
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """The message in one frame's body; raises WireError naming the problem."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireError(f"Message is not UTF-8 ({exc.reason} at byte {exc.start}).") from None
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
+        raise WireError(f"Message is not valid JSON ({exc}).") from None
+    if not isinstance(message, dict):
+        raise WireError(f"Message is a JSON {type(message).__name__}, not an object.")
+    if not isinstance(message.get("type"), str):
+        raise WireError("Message has no string 'type' field.")
+    return message
+
+
+class MessageReader:
+    """Turns a byte stream, fed in chunks of any size, back into messages.
+
+    >>> reader = MessageReader()
+    >>> reader.feed(encode_message({"type": "queue"}))
+    >>> list(reader.messages())
+    [{'type': 'queue'}]
+
+    A bad frame (too long, not UTF-8 JSON, not an object with a "type") raises WireError from
+    `next_message`/`messages` once it has been skipped, so calling again carries on with the next
+    frame. A frame longer than `max_bytes` is skipped by discarding the bytes its header announced,
+    as they arrive, without buffering them.
+    """
+
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._skip = 0  # bytes of an oversize frame still to discard
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a message."""
+        return len(self._buffer)
+
+    def next_message(self) -> dict[str, Any] | None:
+        """The next complete message, or None until more bytes arrive."""
+        if self._skip:
+            dropped = min(self._skip, len(self._buffer))
+            del self._buffer[:dropped]
+            self._skip -= dropped
+            if self._skip:
+                return None
+        if len(self._buffer) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._buffer)
+        if length > self.max_bytes:
+            del self._buffer[: HEADER.size]
+            self._skip = length
+            raise WireError(
+                f"Message of {length} bytes is over the {_limit(self.max_bytes)} limit; it was skipped."
+            )
+        end = HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[HEADER.size : end])
+        del self._buffer[:end]
+        return decode_body(body)
+
+    def messages(self) -> Iterator[dict[str, Any]]:
+        """Every complete message buffered so far (see the class note on WireError)."""
+        while (message := self.next_message()) is not None:
+            yield message
+
+
+def _limit(size: int) -> str:
+    return f"{size / 2**20:g} MiB" if size >= 2**20 else f"{size}-byte"
