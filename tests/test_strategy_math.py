@@ -37,3 +37,26 @@ def test_single_rank_sends_nothing():
 def test_strategy_specs_keep_gpu_lists_together():
     specs = parse_strategy_specs("sequential@cuda:0,parastep@cuda:0,1,batchstep", "cpu:1")
     assert specs == [("sequential", "cuda:0"), ("parastep", "cuda:0,1"), ("batchstep", "cpu:1")]
+
+
+def test_installed_step_keeps_the_scheduler_signature():
+    """Pipelines pass eta/generator only when scheduler.step's signature shows them."""
+    import inspect
+
+    import torch
+    from diffusers import DDIMScheduler
+
+    from engine.strategies.base import JobContext, Strategy
+
+    class Pipe:
+        unet = torch.nn.Linear(1, 1)
+        scheduler = DDIMScheduler()
+
+    pipe = Pipe()
+    strategy = Strategy(
+        JobContext(rank=0, world_size=1, device=torch.device("cpu"), total_steps=1, options={})
+    )
+    strategy.install(pipe)
+    assert {"eta", "generator"} <= set(inspect.signature(pipe.scheduler.step).parameters)
+    strategy.uninstall()
+    assert "step" not in vars(pipe.scheduler)

@@ -13,6 +13,7 @@ The step index is counted by the wrapper: every supported loop calls the denoise
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ class Strategy:
         scheduler = pipe.scheduler
         original_step = scheduler.step
 
+        # wraps(): pipelines inspect step's signature to decide whether to pass eta and generator.
+        @functools.wraps(original_step)
         def step(*args: Any, **kwargs: Any) -> Any:
             return self._scheduler_step(original_step, args, kwargs)
 

@@ -1,0 +1,274 @@
+"""A single-process reference of ParaStep as published (DESIGN.md section 3), for the strategy tests.
+
+Written independently of engine.strategies and engine.worker: nothing is imported from them.
+
+The stock diffusers pipeline is run once, in this process, to obtain what the family's loop feeds
+its denoiser: a forward pre-hook on the denoiser records the first call's arguments (prompt
+embeddings, SVD's image latents/embeddings/added_time_ids, AudioLDM2's generated_prompt_embeds,
+...), and a signature-preserving wrapper around `scheduler.step` records the initial latent, the
+extra step arguments and the scheduler state before step 0. The stock run's own final latent is
+kept too, so the reference loop below can be checked against it.
+
+The loop is then rebuilt here per family (CFG doubling, `scale_model_input`, SVD's image-latent
+concatenation, guidance as the family combines it, `scheduler.step`), and ParaStep's N ranks are
+simulated one after another:
+
+- warm-up steps 0..W-1 are exact (every rank computes the same output; all caches become it);
+- a round at step s of n = min(N, T - s) steps: rank 0 evaluates the denoiser at x_s; rank k
+  (1 <= k < n) copies the scheduler at the round start, advances k steps from x_s with its own
+  cached prediction, evaluates the denoiser at step s + k on that latent, and that output becomes
+  its new cache; rank 0 then applies the n predictions in order with the ordinary scheduler step.
+
+Only rank 0's trajectory is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("cogvideox", "svd", "audioldm2")
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread, as the engine's CPU workers use, for deterministic float32 results."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_pipeline(path: str | Path) -> Any:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        str(path), local_files_only=True, use_safetensors=True, dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")
+
+
+def stock_kwargs(family: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The arguments the stock pipeline is called with (latent output, the request's values)."""
+    generator = torch.Generator("cpu").manual_seed(params["seed"])
+    if family == "cogvideox":
+        return {
+            "prompt": params["prompt"],
+            "negative_prompt": params.get("negative_prompt") or None,
+            "num_frames": params["frames"],
+            "height": params["height"],
+            "width": params["width"],
+            "num_inference_steps": params["steps"],
+            "guidance_scale": params["guidance_scale"],
+            "use_dynamic_cfg": False,
+            "generator": generator,
+            "output_type": "latent",
+        }
+    if family == "svd":
+        from PIL import Image
+
+        with Image.open(params["image"]) as image:
+            rgb = image.convert("RGB")
+        return {
+            "image": rgb,
+            "num_frames": params["frames"],
+            "height": params["height"],
+            "width": params["width"],
+            "fps": params["fps"],
+            "num_inference_steps": params["steps"],
+            "min_guidance_scale": 1.0,
+            "max_guidance_scale": params["guidance_scale"],
+            "generator": generator,
+            "output_type": "latent",
+        }
+    if family == "audioldm2":
+        return {
+            "prompt": params["prompt"],
+            "negative_prompt": params.get("negative_prompt") or None,
+            "audio_length_in_s": params["seconds"],
+            "num_inference_steps": params["steps"],
+            "guidance_scale": params["guidance_scale"],
+            "num_waveforms_per_prompt": 1,
+            "generator": generator,
+            "output_type": "latent",
+        }
+    raise ValueError(f"unknown family {family}")
+
+
+@dataclass
+class Recording:
+    """What one stock run of a family's pipeline fed its loop, and what it produced."""
+
+    family: str
+    pipe: Any
+    denoiser: torch.nn.Module
+    scheduler: Any  # state just before step 0 (a private copy)
+    x0: torch.Tensor  # the initial latent
+    step_kwargs: dict[str, Any]
+    call_args: tuple
+    call_kwargs: dict[str, Any]
+    cfg: bool
+    guidance: Any  # scalar or per-frame tensor
+    stock_latents: torch.Tensor
+    calls: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+
+def record(family: str, pipe: Any, params: dict[str, Any]) -> Recording:
+    """Runs the stock pipeline once and records its loop's inputs and its final latent."""
+    denoiser = pipe.transformer if family == "cogvideox" else pipe.unet
+    scheduler = pipe.scheduler
+    seen: dict[str, Any] = {}
+
+    def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+        seen.setdefault("args", args)
+        seen.setdefault("kwargs", dict(kwargs))
+
+    original_step = scheduler.step
+
+    @functools.wraps(original_step)  # keeps the signature: the pipeline still passes eta/generator
+    def recording_step(*args: Any, **kwargs: Any) -> Any:
+        if "x0" not in seen:
+            seen["x0"] = (args[2] if len(args) > 2 else kwargs["sample"]).clone()
+            seen["step_kwargs"] = {
+                k: v for k, v in kwargs.items() if k not in ("sample", "timestep", "return_dict")
+            }
+            state = copy.deepcopy(scheduler)
+            state.__dict__.pop("step", None)  # the copy must use the class's own step
+            seen["scheduler"] = state
+        return original_step(*args, **kwargs)
+
+    handle = denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    scheduler.step = recording_step
+    try:
+        with single_thread(), torch.inference_mode():
+            output = pipe(**stock_kwargs(family, params))
+    finally:
+        handle.remove()
+        del scheduler.step
+    latents = output.frames if family in ("cogvideox", "svd") else output.audios
+    x0 = seen["x0"]
+    first_input = seen["kwargs"]["hidden_states"] if family == "cogvideox" else seen["args"][0]
+    cfg = first_input.shape[0] == 2 * x0.shape[0]
+    if family == "svd":
+        guidance = pipe._guidance_scale  # per-frame scales the call built, [B, F, 1, 1, 1]
+        if not torch.is_tensor(guidance):
+            raise AssertionError("SVD's pipeline no longer keeps its per-frame guidance tensor")
+    else:
+        guidance = params["guidance_scale"]
+    return Recording(
+        family=family,
+        pipe=pipe,
+        denoiser=denoiser,
+        scheduler=seen["scheduler"],
+        x0=x0,
+        step_kwargs=seen["step_kwargs"],
+        call_args=seen["args"],
+        call_kwargs=seen["kwargs"],
+        cfg=cfg,
+        guidance=guidance,
+        stock_latents=latents.clone(),
+    )
+
+
+# ---- the family loops, rebuilt ---------------------------------------------------------------------
+def denoise(rec: Recording, scheduler: Any, latent: torch.Tensor, index: int) -> torch.Tensor:
+    """The raw denoiser output (both CFG halves) at step `index` for `latent`, as the loop computes it."""
+    t = scheduler.timesteps[index]
+    model_input = torch.cat([latent, latent]) if rec.cfg else latent
+    model_input = scheduler.scale_model_input(model_input, t)
+    rec.calls += 1
+    if rec.family == "cogvideox":
+        kwargs = dict(rec.call_kwargs)
+        kwargs["hidden_states"] = model_input
+        kwargs["timestep"] = t.expand(model_input.shape[0])
+        kwargs["return_dict"] = False
+        return rec.denoiser(*rec.call_args, **kwargs)[0]
+    if rec.family == "svd":
+        recorded = rec.call_args[0]
+        image_latents = recorded[:, :, latent.shape[2] :]
+        model_input = torch.cat([model_input, image_latents], dim=2)
+        return rec.denoiser(model_input, t, *rec.call_args[2:], **{**rec.call_kwargs, "return_dict": False})[
+            0
+        ]
+    if rec.family == "audioldm2":
+        return rec.denoiser(model_input, t, *rec.call_args[2:], **{**rec.call_kwargs, "return_dict": False})[
+            0
+        ]
+    raise ValueError(rec.family)
+
+
+def guide(rec: Recording, raw: torch.Tensor) -> torch.Tensor:
+    """The noise prediction the family's loop hands to scheduler.step."""
+    if rec.family == "cogvideox":
+        raw = raw.float()
+    if not rec.cfg:
+        return raw
+    uncond, cond = raw.chunk(2)
+    return uncond + rec.guidance * (cond - uncond)
+
+
+def advance(
+    rec: Recording, scheduler: Any, raw: torch.Tensor, index: int, latent: torch.Tensor
+) -> torch.Tensor:
+    t = scheduler.timesteps[index]
+    out = scheduler.step(guide(rec, raw), t, latent, **rec.step_kwargs, return_dict=False)[0]
+    return out.to(latent.dtype)
+
+
+# ---- reference trajectories ------------------------------------------------------------------------
+def sequential(rec: Recording) -> torch.Tensor:
+    """The plain loop: the final latent, which must equal the stock run's."""
+    return parastep(rec, ranks=1, warmup=rec.steps)
+
+
+def parastep(rec: Recording, ranks: int, warmup: int) -> torch.Tensor:
+    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps."""
+    total = rec.steps
+    if ranks < 1 or not 0 <= warmup <= total:
+        raise ValueError("bad ParaStep parameters")
+    if ranks > 1 and warmup == 0 and total > 0:
+        raise ValueError("ParaStep needs a warm-up step to fill the ranks' caches")
+    with single_thread(), torch.inference_mode():
+        scheduler = copy.deepcopy(rec.scheduler)  # rank 0's scheduler
+        x = rec.x0.clone()
+        caches: list[torch.Tensor | None] = [None] * ranks
+        for i in range(warmup):
+            raw = denoise(rec, scheduler, x, i)
+            caches = [raw] * ranks  # every rank computed this same output
+            x = advance(rec, scheduler, raw, i, x)
+        s = warmup
+        while s < total:
+            n = min(ranks, total - s)
+            at_start = copy.deepcopy(scheduler)
+            predictions = [denoise(rec, scheduler, x, s)]
+            caches[0] = predictions[0]
+            for k in range(1, n):
+                own = copy.deepcopy(at_start)  # rank k's scheduler, in step with rank 0's at s
+                x_k = x
+                for m in range(k):  # reuse: k steps with rank k's own cached prediction
+                    x_k = advance(rec, own, caches[k], s + m, x_k)
+                caches[k] = denoise(rec, own, x_k, s + k)  # predict
+                predictions.append(caches[k])
+            for j, prediction in enumerate(predictions):
+                x = advance(rec, scheduler, prediction, s + j, x)
+            s += n
+        return x
+
+
+def rounds(total: int, warmup: int, ranks: int) -> list[tuple[int, int]]:
+    """(first step, size) of each round after warm-up."""
+    return [(s, min(ranks, total - s)) for s in range(warmup, total, ranks)]
