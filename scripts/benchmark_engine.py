@@ -9,6 +9,7 @@ machine; nothing here is asserted by the test suite.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -55,6 +56,35 @@ def stock_denoise_seconds(plan, repeats: int) -> list[float]:
     return times
 
 
+def denoiser_call_ms(plan, calls: int = 20) -> float:
+    """Median time of one denoiser call (with CFG, at the request's size) on one CPU thread."""
+    import torch
+
+    from engine.loading import load_pipeline
+    from engine.strategies.base import denoiser_of
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline(plan.entry, "cpu", torch.float32)
+    denoiser = denoiser_of(pipe)
+    recorded = {}
+
+    def record(module, args, kwargs):
+        recorded.setdefault("call", (args, kwargs))
+
+    handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    request = dataclasses.replace(plan.request, steps=1)
+    with torch.inference_mode():
+        pipe(**plan.adapter.pipeline_kwargs(request, torch.Generator("cpu").manual_seed(0)))
+        handle.remove()
+        args, kwargs = recorded["call"]
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            denoiser(*args, **kwargs)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-cogvideox")
@@ -70,6 +100,12 @@ def main() -> None:
     print(f"Machine: {platform.processor() or platform.machine()}, {cpu_cores()} cores, {platform.system()}")
     print(f"Model: {args.model}, {args.steps} steps, warm-up {args.warmup}\n")
     with Engine() as engine:
+        default_plan = engine.plan(dataclasses.replace(base, strategy_options={}))
+        size = (
+            f"{default_plan.request.frames} frames {default_plan.request.height}x{default_plan.request.width}"
+        )
+        print(f"Denoiser call at the default size ({size}, CFG batch 2), one CPU thread: ", end="")
+        print(f"{denoiser_call_ms(default_plan):.1f} ms (median of 20)\n")
         # 1. ParaStep on two CPU workers vs sequential on one, same seed.
         best = None
         for _ in range(args.repeats):
@@ -108,8 +144,8 @@ def main() -> None:
                 and rank["bytes_received"] == expected["bytes_received"]
             )
             print(
-                f"| {rank['rank']} | {rank['bytes_sent']} | {expected['bytes_sent']} | {rank['bytes_received']} | "
-                f"{expected['bytes_received']} | {'yes' if equal else 'NO'} |"
+                f"| {rank['rank']} | {rank['bytes_sent']} | {expected['bytes_sent']} | "
+                f"{rank['bytes_received']} | {expected['bytes_received']} | {'yes' if equal else 'NO'} |"
             )
 
         # 3. Engine overhead: sequential through the engine vs the stock pipeline in one process.
