@@ -75,7 +75,8 @@ def test_killed_worker_fails_the_job_quickly_and_the_next_job_runs(engine):
     from engine.errors import WorkerFailure
 
     plan = engine.plan(GenerationRequest(**{**REQUEST, "steps": 60}, strategy="parastep", devices="cpu:2"))
-    engine.run(engine.plan(GenerationRequest(**REQUEST, strategy="parastep", devices="cpu:2")), previews=False)
+    warm = engine.plan(GenerationRequest(**REQUEST, strategy="parastep", devices="cpu:2"))
+    engine.run(warm, previews=False)
     victim = engine.group.processes[1].pid
     started = {}
 

@@ -1,0 +1,318 @@
+"""Strategy, its options, the devices it runs on, and the ideal speedup of that choice.
+
+Fed by the catalog's `strategies` (name, description, options, max_devices) and `devices`
+(one entry per GPU, plus the CPU). With GPUs there is one checkbox per GPU; without, a number of
+CPU worker processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from engine.devices import MAX_CPU_WORKERS_PER_CORE, cpu_cores
+from ui.model_info import ModelInfo, ideal_speedup
+
+AUTO = "auto"
+DEFAULT_CPU_WORKERS = 2
+
+
+def parse_device_spec(spec: str) -> tuple[str, list[int]] | None:
+    """'cpu:3' -> ('cpu', [3]); 'cuda:0,2' -> ('cuda', [0, 2]); None for 'auto' or anything else."""
+    spec = spec.strip().lower()
+    try:
+        if spec == "cpu":
+            return "cpu", [1]
+        if spec.startswith("cpu:"):
+            return "cpu", [int(spec[4:])]
+        if spec.startswith("cuda"):
+            rest = spec[4:].lstrip(":")
+            return "cuda", [int(part) for part in rest.split(",")] if rest else [0]
+    except ValueError:
+        return None
+    return None
+
+
+class StrategyPicker(QWidget):
+    changed = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._strategies: dict[str, dict[str, Any]] = {}
+        self._gpus: list[dict[str, Any]] = []
+        self._option_boxes: dict[str, QSpinBox] = {}
+        self._device_override: str | None = None  # a restored spec this machine cannot show
+        self._devices_chosen = False  # set by a restored request or the user; else "auto" applies
+        self._steps: int | None = None
+        self._model: ModelInfo | None = None
+
+        self.strategy_box = QComboBox()
+        self.strategy_box.currentIndexChanged.connect(self._on_strategy_changed)
+        self.options_form = QFormLayout()
+        self.options_form.setContentsMargins(0, 0, 0, 0)
+
+        self.gpu_row = QHBoxLayout()
+        self.gpu_checks: list[QCheckBox] = []
+        self.cpu_workers = QSpinBox()
+        self.cpu_workers.setRange(1, max(1, cpu_cores() * MAX_CPU_WORKERS_PER_CORE))
+        self.cpu_workers.setValue(min(DEFAULT_CPU_WORKERS, self.cpu_workers.maximum()))
+        self.cpu_workers.setSuffix(" CPU workers")
+        self.cpu_workers.valueChanged.connect(self._on_devices_touched)
+        self.device_note = QLabel()
+        self.device_note.setWordWrap(True)
+        self.device_note.hide()
+        self.speedup_label = QLabel()
+        self.speedup_label.setToolTip(
+            "Ideal speedup of the denoising loop: T / (W + ceil((T - W) / N)) for T steps, "
+            "W warm-up steps and N devices (P look-ahead latents for batchstep)."
+        )
+
+        devices_row = QHBoxLayout()
+        devices_row.addLayout(self.gpu_row)
+        devices_row.addWidget(self.cpu_workers)
+        devices_row.addStretch(1)
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.strategy_box)
+        layout.addLayout(self.options_form)
+        layout.addLayout(devices_row)
+        layout.addWidget(self.device_note)
+        layout.addWidget(self.speedup_label)
+        self._update_speedup()
+
+    # ---- catalog ------------------------------------------------------------------------------
+    def set_catalog(self, strategies: list[dict[str, Any]], devices: list[dict[str, Any]]) -> None:
+        strategy, options, chosen = self.value()
+        current = (strategy, options, chosen if self._devices_chosen else AUTO)
+        self._strategies = {s["name"]: s for s in strategies if s.get("name")}
+        self._gpus = [d for d in devices if d.get("kind") == "cuda"]
+        self._build_device_controls()
+        self.strategy_box.blockSignals(True)
+        self.strategy_box.clear()
+        for name, info in self._strategies.items():
+            self.strategy_box.addItem(name, name)
+            last = self.strategy_box.count() - 1
+            self.strategy_box.setItemData(last, info.get("description", ""), Qt.ItemDataRole.ToolTipRole)
+        self.strategy_box.blockSignals(False)
+        self.set_value(*current)
+
+    def _build_device_controls(self) -> None:
+        for box in self.gpu_checks:
+            self.gpu_row.removeWidget(box)
+            box.hide()
+            box.deleteLater()
+        self.gpu_checks = []
+        for gpu in self._gpus:
+            index = int(str(gpu.get("id", "cuda:0")).split(":")[-1])
+            box = QCheckBox(f"GPU {index}")
+            box.setProperty("gpu_index", index)
+            box.setToolTip(str(gpu.get("name", "")))
+            box.setChecked(True)
+            box.toggled.connect(self._on_gpu_toggled)
+            self.gpu_row.addWidget(box)
+            self.gpu_checks.append(box)
+        self.cpu_workers.setVisible(not self._gpus)
+
+    # ---- values -------------------------------------------------------------------------------
+    def strategy(self) -> str:
+        return self.strategy_box.currentData() or "sequential"
+
+    def options(self) -> dict[str, int]:
+        """Options the user set; those left on "auto" are omitted (the engine picks them)."""
+        return {
+            name: box.value()
+            for name, box in self._option_boxes.items()
+            if not (box.specialValueText() and box.value() == box.minimum())
+        }
+
+    def devices(self) -> str:
+        if self._device_override is not None:
+            return self._device_override
+        if self._gpus:
+            checked = [b.property("gpu_index") for b in self.gpu_checks if b.isChecked()]
+            return "cuda:" + ",".join(str(i) for i in checked) if checked else "cuda:0"
+        return f"cpu:{self.cpu_workers.value()}"
+
+    def device_count(self) -> int:
+        parsed = parse_device_spec(self.devices())
+        if parsed is None:
+            return 1
+        kind, values = parsed
+        return values[0] if kind == "cpu" else len(values)
+
+    def value(self) -> tuple[str, dict[str, int], str]:
+        return self.strategy(), self.options(), self.devices()
+
+    def set_value(self, strategy: str, options: dict[str, Any], devices: str) -> None:
+        index = self.strategy_box.findData(strategy)
+        if index < 0:  # not in the catalog (yet): keep it, with the options it names
+            self._strategies.setdefault(
+                strategy,
+                {"name": strategy, "options": [{"name": k, "default": None, "minimum": 0} for k in options]},
+            )
+            self.strategy_box.addItem(strategy, strategy)
+            index = self.strategy_box.count() - 1
+        self.strategy_box.setCurrentIndex(index)
+        self._rebuild_options()
+        for name, value in options.items():
+            box = self._option_boxes.get(name)
+            if box is not None and isinstance(value, int):
+                box.setValue(value)
+        self._set_devices(devices)
+        self._devices_chosen = devices.strip().lower() != AUTO
+        self._apply_device_limit()
+        self._update_speedup()
+
+    def _set_devices(self, spec: str) -> None:
+        self._device_override = None
+        self.device_note.hide()
+        parsed = parse_device_spec(spec)
+        if spec.strip().lower() == AUTO:
+            for box in self.gpu_checks:
+                box.setChecked(True)
+            return
+        if parsed is not None and parsed[0] == "cpu" and not self._gpus:
+            self.cpu_workers.setValue(parsed[1][0])
+            if self.cpu_workers.value() == parsed[1][0]:
+                return
+        if parsed is not None and parsed[0] == "cuda" and self._gpus:
+            indices = {b.property("gpu_index") for b in self.gpu_checks}
+            if set(parsed[1]) <= indices:
+                for box in self.gpu_checks:
+                    box.blockSignals(True)
+                    box.setChecked(box.property("gpu_index") in parsed[1])
+                    box.blockSignals(False)
+                return
+        # e.g. cuda:0,1 restored on a CPU-only machine: keep it as written, and say so.
+        self._device_override = spec
+        self.device_note.setText(f"Devices {spec} (as restored; not available here: change to pick).")
+        self.device_note.show()
+
+    # ---- reactions ----------------------------------------------------------------------------
+    def set_context(self, steps: int | None, model: ModelInfo | None) -> None:
+        """The step count and model of the request, for the ideal speedup."""
+        self._steps, self._model = steps, model
+        self._update_speedup()
+
+    def _on_strategy_changed(self) -> None:
+        self._rebuild_options()
+        self._apply_device_limit()
+        self._update_speedup()
+        self.changed.emit()
+
+    def _rebuild_options(self) -> None:
+        while self.options_form.rowCount():
+            self.options_form.removeRow(0)
+        self._option_boxes = {}
+        info = self._strategies.get(self.strategy(), {})
+        self.strategy_box.setToolTip(info.get("description", ""))
+        for option in info.get("options", []):
+            box = QSpinBox()
+            minimum = int(option.get("minimum", 0))
+            default = option.get("default")
+            if default is None:
+                box.setRange(minimum - 1, 1000)
+                box.setSpecialValueText(AUTO)  # shown at minimum - 1: the engine picks per model
+                box.setValue(minimum - 1)
+            else:
+                box.setRange(minimum, 1000)
+                box.setValue(int(default))
+            box.setToolTip(option.get("help", ""))
+            box.valueChanged.connect(self._on_option_changed)
+            self.options_form.addRow(option["name"].replace("_", " ").capitalize(), box)
+            self._option_boxes[option["name"]] = box
+
+    def _on_option_changed(self) -> None:
+        self._update_speedup()
+        self.changed.emit()
+
+    def _max_devices(self) -> int | None:
+        info = self._strategies.get(self.strategy(), {})
+        return info.get("max_devices", None if self.strategy() == "parastep" else 1)
+
+    def _apply_device_limit(self) -> None:
+        """One-device strategies: CPU workers pinned to 1, GPU checkboxes exclusive."""
+        single = self._max_devices() == 1
+        if not self._gpus:
+            self.cpu_workers.setEnabled(not single)
+            if single:
+                self.cpu_workers.setValue(1)
+        elif single:
+            checked = [b for b in self.gpu_checks if b.isChecked()]
+            for box in self.gpu_checks:
+                box.blockSignals(True)
+                box.setChecked(box is (checked[0] if checked else self.gpu_checks[0]))
+                box.blockSignals(False)
+
+    def _on_gpu_toggled(self, on: bool) -> None:
+        sender = self.sender()
+        if on and self._max_devices() == 1:
+            for box in self.gpu_checks:
+                if box is not sender:
+                    box.blockSignals(True)
+                    box.setChecked(False)
+                    box.blockSignals(False)
+        if not any(b.isChecked() for b in self.gpu_checks):  # keep at least one
+            sender.blockSignals(True)
+            sender.setChecked(True)
+            sender.blockSignals(False)
+        self._on_devices_touched()
+
+    def _on_devices_touched(self) -> None:
+        self._devices_chosen = True
+        self._device_override = None
+        self.device_note.hide()
+        self._update_speedup()
+        self.changed.emit()
+
+    def ideal_terms(self) -> tuple[int, int, int] | None:
+        """(T, W, N) of the current choice (N is P for batchstep); None when T is not known."""
+        strategy = self.strategy()
+        if strategy == "parastep":
+            width = self.device_count()
+        elif strategy == "batchstep":
+            box = self._option_boxes.get("lookahead")
+            width = box.value() if box is not None else 2
+        else:
+            width = 1
+        steps = self._steps
+        if steps is None and self._model is not None:
+            steps = self._model.defaults.get("steps")
+        if not steps:
+            return None
+        warmup = self.options().get("warmup")
+        if warmup is None:
+            warmup = (self._model or ModelInfo.unknown("")).default_warmup(steps)
+        return steps, warmup, width
+
+    def ideal(self) -> float | None:
+        """Ideal speedup of the current choice; None when the step count is not known."""
+        if self.strategy() not in ("parastep", "batchstep"):
+            return 1.0
+        terms = self.ideal_terms()
+        return ideal_speedup(*terms) if terms is not None else None
+
+    def _update_speedup(self) -> None:
+        ideal = self.ideal()
+        terms = self.ideal_terms()
+        if ideal is None:
+            text = "ideal speedup ? (step count unknown)"
+        elif self.strategy() in ("parastep", "batchstep") and terms is not None:
+            steps, warmup, width = terms
+            n = "P" if self.strategy() == "batchstep" else "N"
+            text = f"ideal speedup {ideal:.2f}×  (T={steps}, W={warmup}, {n}={width})"
+        else:
+            text = f"ideal speedup {ideal:.2f}×"
+        self.speedup_label.setText(text)
