@@ -89,6 +89,10 @@ def test_each_family_end_to_end(model, strategy, devices, suffix, image, _output
     assert restored.strategy_options["warmup"] == 2 and restored.devices == devices
     if model == "tiny-svd":
         assert restored.image == str(image)
+    # Every default was filled in before saving: planning the restored request changes nothing.
+    from engine.engine import Engine
+
+    assert Engine().plan(restored).request == restored
 
 
 def test_devices_and_models_list_what_is_here():
