@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="one request under several strategies, same seed")
     _add_request_options(compare)
     compare.add_argument("--strategies", required=True, help="NAME[@DEVICES][,NAME[@DEVICES]...]")
+    decode = commands.add_parser("decode", help="save the clip of a run whose decode or save failed")
+    decode.add_argument("latents", help="a latents file named in the error message")
+    decode.add_argument("--output", help="clip file or folder (default: the run's own choice)")
+    decode.add_argument("--device", default="cpu", help="where to decode (cpu, cuda:0, ...)")
+    decode.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    decode.add_argument("--json", action="store_true")
     models = commands.add_parser("models", help="list the models found")
     models.add_argument("--json", action="store_true")
     models.add_argument("--folder", action="append", default=[], help="also look in this model folder")
@@ -164,6 +170,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from engine.engine import Engine
 
+    if args.command == "decode":
+        summary = Engine(dtype=args.dtype).finish_pending(args.latents, args.output, args.device)
+        if args.json:
+            print_json(summary)
+        else:
+            print(f"saved {summary['output']}")
+        return 0
     with Engine(dtype=args.dtype) as engine:
         progress = ProgressPrinter(quiet=args.json)
         if args.command == "generate":

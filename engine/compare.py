@@ -89,6 +89,8 @@ def compare(
         if save:
             path = plan_output(request.output, plan.adapter.modality, clip_stem(plan.request))
             row["output"] = engine.save(result, path)["output"]
+        else:
+            result.discard_pending()
         rows.append(row)
     return {"rows": rows, "reference": "sequential" if reference is not None else None}
 

@@ -53,6 +53,12 @@ class RunResult:
     latents: Any
     timings: dict[str, float]
     ranks: list[dict[str, Any]]
+    pending: Path | None = None  # the final latents on disk, until the clip is saved
+
+    def discard_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.unlink(missing_ok=True)
+            self.pending = None
 
 
 class Engine:
@@ -170,8 +176,9 @@ class Engine:
             "decode_s": payload["timings"]["decode_s"],
         }
         timings["total_s"] = time.perf_counter() - start
+        pending = Path(payload["pending"]) if payload.get("pending") else None
         return RunResult(
-            plan, payload["output"], payload["rate"], payload["latents"], timings, payload["ranks"]
+            plan, payload["output"], payload["rate"], payload["latents"], timings, payload["ranks"], pending
         )
 
     def generate(self, request: GenerationRequest, on_event: EventSink | None = None) -> dict[str, Any]:
@@ -191,10 +198,19 @@ class Engine:
             on_event(StageEvent("", "save"))
         request = result.plan.request
         metadata = build_metadata(request, timings=result.timings, ranks=result.ranks)
-        if result.plan.adapter.modality == "audio":
-            clip = write_clip(path, audio=result.output, sample_rate=int(result.rate), metadata=metadata)
-        else:
-            clip = write_clip(path, frames=result.output, fps=result.rate, metadata=metadata)
+        try:
+            if result.plan.adapter.modality == "audio":
+                clip = write_clip(path, audio=result.output, sample_rate=int(result.rate), metadata=metadata)
+            else:
+                clip = write_clip(path, frames=result.output, fps=result.rate, metadata=metadata)
+        except UserError as exc:
+            if result.pending is None:
+                raise
+            raise UserError(
+                f"{exc.problem} The generated latents are kept in {result.pending}.",
+                f"{exc.fix} Then run `parastep-studio decode {result.pending}` to save the clip.",
+            ) from None
+        result.discard_pending()
         result.timings["total_s"] += time.perf_counter() - start
         return {
             "output": str(clip),
@@ -207,6 +223,38 @@ class Engine:
             "timings": result.timings,
             "ranks": result.ranks,
         }
+
+    def finish_pending(
+        self, path: str | Path, output: str | None = None, device: str = "cpu"
+    ) -> dict[str, Any]:
+        """Decodes kept latents in this process and saves the clip (`parastep-studio decode`)."""
+        import torch
+
+        from engine.catalog import read_entry
+        from engine.loading import load_pipeline, resolve_dtype
+        from engine.outputs import plan_output
+        from engine.pending_decode import decode_with_fallback, load_pending
+
+        latents, request, model_path = load_pending(path)
+        entry = read_entry(model_path)
+        adapter = adapter_for(entry)
+        target = plan_output(
+            output if output is not None else request.output, adapter.modality, clip_stem(request)
+        )
+        start = time.perf_counter()
+        pipe = load_pipeline(entry, device, resolve_dtype(self.dtype, device))
+        load_s = time.perf_counter() - start
+        with torch.inference_mode():
+            decoded = decode_with_fallback(
+                lambda p, x: adapter.decode(p, x, request), pipe, latents.to(device), lambda message: None
+            )
+        timings = {"load_s": load_s, "decode_s": time.perf_counter() - start - load_s}
+        timings["total_s"] = time.perf_counter() - start
+        plan = Plan(entry, adapter, request, parse_devices(request.devices))
+        result = RunResult(
+            plan, decoded, adapter.output_rate(pipe, request), None, timings, [], Path(path).expanduser()
+        )
+        return self.save(result, target)
 
     def cancel(self) -> None:
         """Stops the running job at the next step boundary every rank agrees on; skips the decode.

@@ -18,7 +18,8 @@ from typing import Any
 
 from engine.catalog import ModelEntry
 from engine.errors import JobCancelled, UserError
-from engine.protocol import GenerationRequest, PreviewEvent, StageEvent, StepEvent
+from engine.pending_decode import decode_with_fallback, save_pending
+from engine.protocol import GenerationRequest, LogEvent, PreviewEvent, StageEvent, StepEvent
 
 
 @dataclass
@@ -185,18 +186,33 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
         raise JobCancelled()  # skip the decode
     emit(StageEvent(job.job_id, "decode"))
     decode_start = time.perf_counter()
+    pending = None
     with torch.inference_mode():
         if decodes_in_pipeline:
             latents = None
             output = adapter.decoded_output(result)
         else:
             latents = result.frames if hasattr(result, "frames") else result.audios
-            output = adapter.decode(pipe, latents, request)
+            pending = save_pending(latents, request, spec.entry.path, job.job_id)
+            try:
+                output = decode_with_fallback(
+                    lambda p, x: adapter.decode(p, x, request),
+                    pipe,
+                    latents,
+                    lambda m: emit(LogEvent(job.job_id, m)),
+                )
+            except torch.OutOfMemoryError:
+                raise UserError(
+                    f"Out of memory decoding on {spec.device}, also with VAE tiling and on the CPU. "
+                    f"The final latents are kept in {pending}.",
+                    f"Free memory, then run `parastep-studio decode {pending}`.",
+                ) from None
     timings["decode_s"] = time.perf_counter() - decode_start
     payload.update(
         output=output,
         rate=adapter.output_rate(pipe, request),
         latents=None if latents is None else latents.float().cpu().numpy(),
+        pending=None if pending is None else str(pending),
     )
     return payload
 

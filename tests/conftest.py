@@ -58,6 +58,7 @@ def _output_dir(tmp_path, monkeypatch):
     out = tmp_path / "clips"
     monkeypatch.setenv("PARASTEP_OUTPUT_DIR", str(out))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PARASTEP_STATE_DIR", str(tmp_path / "state"))
     return out
 
 

@@ -1,0 +1,121 @@
+"""Final latents kept on disk until their clip is saved, and a decode that falls back instead of failing.
+
+An out-of-memory in the VAE decode, a full disk or an unwritable folder must not throw a long
+denoising run away: rank 0 writes the final latents (with the request) before it decodes, the
+engine deletes them once the clip is written, and `parastep-studio decode FILE` finishes a run
+whose save failed. The decode itself retries with VAE tiling/slicing, then on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from engine.job_queue import default_state_dir
+from engine.protocol import GenerationRequest
+
+INJECT_OOM_ENV = "PARASTEP_INJECT_DECODE_OOM"  # tests: this many decode attempts raise out-of-memory
+_injected = {"left": None}
+
+
+def pending_dir() -> Path:
+    return default_state_dir() / "pending"
+
+
+def save_pending(latents: Any, request: GenerationRequest, model_path: Path, job_id: str) -> Path:
+    """Writes the latents (safetensors, with the request in its metadata) atomically."""
+    from safetensors.torch import save_file
+
+    folder = pending_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{job_id}.safetensors"
+    temporary = path.with_suffix(".partial")
+    metadata = {"request": json.dumps(request.to_dict()), "model_path": str(model_path)}
+    save_file({"latents": latents.detach().contiguous().cpu()}, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+    return path
+
+
+def load_pending(path: str | Path) -> tuple[Any, GenerationRequest, Path]:
+    """(latents, request, model folder) of a saved run, or a clear error."""
+    from safetensors import safe_open
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"Saved latents '{file}' do not exist.", f"List what is kept in {pending_dir()}.")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            latents = handle.get_tensor("latents")
+        request = GenerationRequest.from_dict(json.loads(metadata["request"]))
+        return latents, request, Path(metadata["model_path"])
+    except UserError:
+        raise
+    except Exception as exc:  # safetensors and json raise their own types
+        raise UserError(
+            f"'{file}' is not a latents file saved by ParaStep Studio ({exc}).",
+            "Pass a file from " + str(pending_dir()),
+        ) from None
+
+
+def decode_with_fallback(
+    decode: Callable[[Any, Any], Any], pipe: Any, latents: Any, log: Callable[[str], None]
+) -> Any:
+    """decode(pipe, latents), retried with VAE tiling/slicing and then on the CPU on out-of-memory."""
+    import torch
+
+    def tiled() -> None:
+        for name in ("enable_tiling", "enable_slicing"):
+            if hasattr(pipe.vae, name):
+                getattr(pipe.vae, name)()
+
+    def untiled() -> None:
+        for name in ("disable_tiling", "disable_slicing"):
+            if hasattr(pipe.vae, name):
+                getattr(pipe.vae, name)()
+
+    attempts = [("as configured", None), ("with VAE tiling and slicing", tiled), ("on the CPU", "cpu")]
+    for number, (label, change) in enumerate(attempts):
+        device = None
+        try:
+            if callable(change):
+                change()
+            elif change == "cpu":
+                device = pipe.vae.device
+                _move_decoders(pipe, "cpu")
+                latents = latents.to("cpu")
+            _maybe_inject_oom()
+            return decode(pipe, latents)
+        except torch.OutOfMemoryError:
+            if number == len(attempts) - 1:
+                raise
+            log(f"Out of memory decoding {label}; trying again {attempts[number + 1][0]}.")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        finally:
+            if callable(change):
+                untiled()
+            if device is not None:
+                _move_decoders(pipe, device)
+    raise AssertionError("unreachable")
+
+
+def _move_decoders(pipe: Any, device: Any) -> None:
+    for name in ("vae", "vocoder"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to(device)
+
+
+def _maybe_inject_oom() -> None:
+    import torch
+
+    if _injected["left"] is None:
+        _injected["left"] = int(os.environ.get(INJECT_OOM_ENV, "0"))
+    if _injected["left"] > 0:
+        _injected["left"] -= 1
+        raise torch.OutOfMemoryError("injected for a test")
