@@ -201,7 +201,8 @@ def _run(args: argparse.Namespace) -> int:
                 f"compare writes one clip per strategy; --output '{request.output}' is not a folder.",
                 "Give a folder (ending in /) or leave --output out.",
             )
-        report = compare(engine, request, parse_strategy_specs(args.strategies, args.devices), progress)
+        specs = parse_strategy_specs(args.strategies, args.devices)
+        report = compare(engine, request, specs, progress, previews=not args.no_previews)
         if args.json:
             print_json(report)
         else:

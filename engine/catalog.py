@@ -69,6 +69,8 @@ def read_entry(path: Path, name: str | None = None, source: str = "local") -> Mo
     try:
         model_index = json.loads(index.read_text())
         pipeline_class = model_index["_class_name"]
+        if not isinstance(pipeline_class, str):  # community pipelines name [module, class]
+            raise ValueError(f"_class_name is {pipeline_class!r}, a custom pipeline that needs remote code")
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(
             f"'{index}' is not a valid model_index.json ({exc}).", "Re-save the pipeline with diffusers."

@@ -45,6 +45,7 @@ def compare(
     specs: list[tuple[str, str]],
     on_event: EventSink | None = None,
     save: bool = True,
+    previews: bool = False,
 ) -> dict[str, Any]:
     """Runs every entry; returns {"rows": [...]} as the CLI prints it."""
     from engine.metrics import fidelity, relative_l2
@@ -59,9 +60,20 @@ def compare(
             strategy_options=dict({k: v for k, v in request.strategy_options.items() if _accepts(name, k)}),
         )
         plans.append(engine.plan(variant))
-    rows, reference = [], None
-    for plan in plans:
-        result = engine.run(plan, on_event)
+    # The reference (first sequential entry) runs first, so every row can be compared with it.
+    first_sequential = next((i for i, p in enumerate(plans) if p.request.strategy == "sequential"), None)
+    order = list(range(len(plans)))
+    if first_sequential is not None:
+        order.insert(0, order.pop(first_sequential))
+    rows: list[dict[str, Any]] = [{} for _ in plans]
+    reference = None
+    for index in order:
+        plan = plans[index]
+        result = engine.run(
+            plan, on_event, previews=previews
+        )  # off by default: rank 0 draws them in the loop
+        if index == first_sequential:
+            reference = result
         row: dict[str, Any] = {
             "strategy": plan.request.strategy,
             "strategy_options": plan.request.strategy_options,
@@ -69,9 +81,9 @@ def compare(
             "denoise_s": result.timings["denoise_s"],
             "total_s": result.timings["total_s"],
             "ideal_speedup": plan.ideal_speedup,
+            "speedup": None,
+            "fidelity": None,
         }
-        if reference is None and plan.request.strategy == "sequential":
-            reference = result
         if reference is not None:
             row["speedup"] = reference.timings["denoise_s"] / result.timings["denoise_s"]
             row["fidelity"] = fidelity(plan.adapter.modality, result.output, reference.output)
@@ -80,9 +92,6 @@ def compare(
                 row["fidelity"]["identical"] = bool(
                     row["fidelity"]["identical"] and np.array_equal(result.latents, reference.latents)
                 )
-        else:
-            row["speedup"] = None
-            row["fidelity"] = None
         for field in COUNTER_FIELDS:
             row[field] = sum(rank[field] for rank in result.ranks)
         row["ranks"] = result.ranks
@@ -91,7 +100,7 @@ def compare(
             row["output"] = engine.save(result, path)["output"]
         else:
             result.discard_pending()
-        rows.append(row)
+        rows[index] = row
     return {"rows": rows, "reference": "sequential" if reference is not None else None}
 
 

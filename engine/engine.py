@@ -6,7 +6,6 @@ Headless (no Qt). The CLI uses it in-process; the window talks to it in a backgr
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from engine.models import FamilyAdapter, adapter_for
 from engine.protocol import GenerationRequest, StageEvent
 from engine.strategies import ideal_speedup, strategy_class
 from engine.worker import Job
-from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, WorkerGroup
+from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, CancelFlag, WorkerGroup
 
 EventSink = Callable[[Any], None]
 
@@ -73,7 +72,7 @@ class Engine:
         self.dtype = dtype
         self.group: WorkerGroup | None = None
         # Owned here, not by a group, so that a cancel during loading is not lost.
-        self._cancel = multiprocessing.get_context("spawn").Event()
+        self._cancel = CancelFlag()
 
     # ---- planning (no workers) ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> Plan:
@@ -250,7 +249,7 @@ class Engine:
             )
         timings = {"load_s": load_s, "decode_s": time.perf_counter() - start - load_s}
         timings["total_s"] = time.perf_counter() - start
-        plan = Plan(entry, adapter, request, parse_devices(request.devices))
+        plan = Plan(entry, adapter, request, [device])
         result = RunResult(
             plan, decoded, adapter.output_rate(pipe, request), None, timings, [], Path(path).expanduser()
         )

@@ -85,7 +85,8 @@ class PreviewRenderer:
         """Decodes a small part of x0 and fits the latent -> output map against it."""
         if self.adapter.modality == "audio":
             part = x0[:1]
-            mel = self.pipe.vae.decode(part / self.pipe.vae.config.scaling_factor).sample  # [1, 1, T, F]
+            scaled = part.to(self.pipe.vae.dtype) / self.pipe.vae.config.scaling_factor
+            mel = self.pipe.vae.decode(scaled).sample.float()  # [1, 1, T, F]
             latent_images, _ = self.adapter.preview_images(part)
             target = mel[0].transpose(1, 2).flip(1).unsqueeze(0)  # as the preview lays it out
         else:

@@ -52,6 +52,7 @@ def _die_with_parent() -> None:
 
 def worker_main(spec: WorkerSpec, commands: Any, results: Any, cancel: Any) -> None:
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the engine, which stops the group
     import torch
 
     if spec.device == "cpu":
@@ -154,7 +155,8 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
         on_first_denoise=first_denoise,
     )
     strategy = strategy_class(request.strategy)(ctx)
-    generator = torch.Generator(device="cpu" if spec.device == "cpu" else device).manual_seed(request.seed)
+    # A CPU generator on every device: the same seed gives the same noise on CPU workers and GPUs.
+    generator = torch.Generator("cpu").manual_seed(request.seed)
     kwargs = adapter.pipeline_kwargs(request, generator)
     decodes_in_pipeline = getattr(adapter, "decodes_in_pipeline", False)
     if rank > 0 and decodes_in_pipeline:
@@ -174,7 +176,8 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
         ) from None
     finally:
         strategy.uninstall()
-    loop_end = marks.get("denoise_end", time.perf_counter())
+    call_end = time.perf_counter()
+    loop_end = marks.get("denoise_end", call_end)
     timings = {
         "encode_s": marks.get("denoise_start", start) - start,
         "denoise_s": loop_end - marks.get("denoise_start", start),
@@ -185,7 +188,8 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
     if cancel.is_set():
         raise JobCancelled()  # skip the decode
     emit(StageEvent(job.job_id, "decode"))
-    decode_start = time.perf_counter()
+    # A generic pipeline decoded inside its own call, after the last step.
+    decode_start = loop_end if decodes_in_pipeline else time.perf_counter()
     pending = None
     with torch.inference_mode():
         if decodes_in_pipeline:
@@ -206,6 +210,11 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
                     f"Out of memory decoding on {spec.device}, also with VAE tiling and on the CPU. "
                     f"The final latents are kept in {pending}.",
                     f"Free memory, then run `parastep-studio decode {pending}`.",
+                ) from None
+            except Exception as exc:
+                raise UserError(
+                    f"Decoding failed ({_describe(exc)}). The final latents are kept in {pending}.",
+                    f"Run `parastep-studio decode {pending}` once the cause is fixed.",
                 ) from None
     timings["decode_s"] = time.perf_counter() - decode_start
     payload.update(

@@ -7,6 +7,7 @@ that the next job starts a fresh one. No process outlives the group.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import socket
@@ -33,6 +34,23 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+class CancelFlag:
+    """A shared "stop the running job" flag. Lock-free: a worker killed while reading it cannot
+    leave a lock held (a multiprocessing Event could, and the next job would hang)."""
+
+    def __init__(self) -> None:
+        self._value = mp.get_context("spawn").RawValue(ctypes.c_bool, False)
+
+    def set(self) -> None:
+        self._value.value = True
+
+    def clear(self) -> None:
+        self._value.value = False
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
 class WorkerGroup:
     """Spawns, feeds and tears down the workers of one (model, devices, dtype) combination."""
 
@@ -48,13 +66,13 @@ class WorkerGroup:
         devices: list[str],
         dtype: str = "auto",
         collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
-        cancel: Any = None,
+        cancel: CancelFlag | None = None,
     ) -> None:
         self.entry, self.devices, self.dtype = entry, list(devices), dtype
         self.collective_timeout_s = collective_timeout_s
         self.key = (str(entry.path), tuple(devices), dtype)
         self._ctx = mp.get_context("spawn")
-        self.cancel = cancel if cancel is not None else self._ctx.Event()  # set: stop the running job
+        self.cancel = cancel if cancel is not None else CancelFlag()
         self.results = self._ctx.Queue()
         self.commands: list[Any] = []
         self.processes: list[Any] = []

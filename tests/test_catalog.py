@@ -53,3 +53,12 @@ def test_pickle_weights_are_refused(tmp_path):
         file.rename(file.with_suffix(".bin"))
     with pytest.raises(UserError, match="pickle"):
         check_weights(ModelCatalog().resolve(str(folder)))
+
+
+def test_custom_pipeline_class_is_refused_not_crashing(tmp_path):
+    folder = tmp_path / "custom"
+    shutil.copytree(TINY, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": ["pipeline", "MyPipeline"]}))
+    with pytest.raises(UserError, match="custom pipeline"):
+        ModelCatalog().resolve(str(folder))

@@ -91,3 +91,15 @@ def test_killed_worker_fails_the_job_quickly_and_the_next_job_runs(engine):
     assert engine.group is None  # torn down; no process left (checked by the autouse fixture)
     result = engine.run(engine.plan(GenerationRequest(**REQUEST, strategy="parastep", devices="cpu:2")))
     assert result.output.shape[0] == 9
+
+
+def test_compare_uses_the_sequential_entry_as_reference_wherever_it_stands(engine):
+    from engine.compare import compare
+
+    request = GenerationRequest(**REQUEST, strategy_options={"warmup": 2})
+    report = compare(engine, request, [("parastep", "cpu:2"), ("sequential", "cpu:1")], save=False)
+    parastep, sequential = report["rows"]
+    assert sequential["fidelity"]["identical"] is True and sequential["speedup"] == pytest.approx(1.0)
+    assert parastep["fidelity"]["identical"] is False and parastep["fidelity"]["psnr_db"] > 20
+    assert parastep["speedup"] > 0 and parastep["ideal_speedup"] == pytest.approx(8 / (2 + 3))
+    assert parastep["bytes_sent"] > 0 and sequential["bytes_sent"] == 0

@@ -54,7 +54,7 @@ class AudioLDM2Adapter(FamilyAdapter):
         return float(pipe.vocoder.config.sampling_rate)
 
     def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:
-        mel = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        mel = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
         audio = pipe.mel_spectrogram_to_waveform(mel)[0]
         length = int(request.seconds * pipe.vocoder.config.sampling_rate)
         return audio[:length].float().cpu().numpy().astype(np.float32)

@@ -114,6 +114,7 @@ class Strategy:
         self._rebuild: Callable[[torch.Tensor], Any] = lambda t: (t,)
         self._installed: tuple[Any, Any] | None = None
         self._timed_first = False
+        self._called_this_step = False
 
     # ---- installation -------------------------------------------------------------------------
     def install(self, pipe: Any) -> None:
@@ -141,6 +142,13 @@ class Strategy:
 
     # ---- the two interception points ----------------------------------------------------------
     def _denoise(self, module: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self._called_this_step:  # every rank meets this at the same step, so none is left waiting
+            raise UserError(
+                f"{type(module).__name__} is called more than once per step (e.g. separate conditional and "
+                "unconditional passes); step-parallel strategies need one call per scheduler step.",
+                "Use the sequential strategy for this pipeline.",
+            )
+        self._called_this_step = True
         if not self._timed_first:
             self._timed_first = True
             self.ctx.on_first_denoise()
@@ -156,6 +164,7 @@ class Strategy:
         self.ctx.on_step(StepReport(self.step, self._action, self._step_compute, self._step_wait, x0))
         self.step += 1
         self._step_compute = self._step_wait = 0.0
+        self._called_this_step = False
         return output if want_dict else output.to_tuple()
 
     # ---- to be implemented ----------------------------------------------------------------------
@@ -187,6 +196,7 @@ class Strategy:
             torch.cuda.synchronize(self.ctx.device)
 
     def _waited(self, start: float) -> None:
+        self._sync_device()  # NCCL ops return once queued; the wait is real only after a sync
         elapsed = time.perf_counter() - start
         self.counters.comm_wait_s += elapsed
         self._step_wait += elapsed
