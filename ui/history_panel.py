@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QHBoxLayout,
     QLineEdit,
+    QListView,
     QListWidget,
     QListWidgetItem,
     QMessageBox,
@@ -133,6 +134,10 @@ class HistoryPanel(QWidget):
         self.list = QListWidget()
         self.list.setIconSize(THUMB)
         self.list.setAlternatingRowColors(True)
+        # Long lines wrap to the panel's width instead of hiding behind a horizontal scroll bar.
+        self.list.setWordWrap(True)
+        self.list.setResizeMode(QListView.ResizeMode.Adjust)
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.list.itemDoubleClicked.connect(lambda item: self._open(item))
         self.list.currentItemChanged.connect(self._update_buttons)
 

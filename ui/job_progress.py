@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QVBoxLayout, QWidget
 
 from engine.protocol import STAGES
@@ -16,6 +17,9 @@ from engine.protocol import STAGES
 # Share of the overall bar per stage: denoising dominates every job; loading is often instant
 # (warm workers) but can be long, so it gets a modest slice rather than a guess.
 STAGE_WEIGHTS = {"load": 0.10, "encode": 0.05, "denoise": 0.75, "decode": 0.08, "save": 0.02}
+# Step events come hundreds a second with several ranks; a new label text relayouts the window
+# (the label's size hint changes), so steps refresh the panel at most this often.
+STEP_REFRESH_MS = 100
 
 
 class JobProgress:
@@ -104,7 +108,20 @@ class ProgressPanel(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(row)
         layout.addWidget(self.bar)
+        self._soon = QTimer(self, singleShot=True, interval=STEP_REFRESH_MS)
+        self._soon.timeout.connect(self.refresh)
+
+    def refresh_soon(self) -> None:
+        """Refresh within STEP_REFRESH_MS, once for a burst of calls (step events)."""
+        if not self._soon.isActive():
+            self._soon.start()
+
+    def set_message(self, text: str) -> None:
+        """Show `text` instead of the progress (a job that ended early); a pending refresh is dropped."""
+        self._soon.stop()
+        self.label.setText(text)
 
     def refresh(self) -> None:
+        self._soon.stop()
         self.label.setText(self.progress.text())
         self.bar.setValue(round(self.progress.fraction() * 1000))

@@ -359,7 +359,7 @@ class MainWindow(QMainWindow):
     def _on_step(self, event: dict[str, Any]) -> None:
         self.timeline.add_step(event)
         self.progress.on_step(event)
-        self.progress_panel.refresh()
+        self.progress_panel.refresh_soon()
 
     def _on_preview(self, event: dict[str, Any]) -> None:
         self.preview.show_preview(event)
@@ -391,7 +391,7 @@ class MainWindow(QMainWindow):
         self._tick.stop()
         self.progress_panel.refresh()
         if not finished:
-            self.progress_panel.label.setText(message)
+            self.progress_panel.set_message(message)
         self.statusBar().showMessage(message, 15000)
         QApplication.alert(self)  # taskbar attention when the window is in the background
 
@@ -402,7 +402,7 @@ class MainWindow(QMainWindow):
     def _on_engine_died(self, code: int, output: str) -> None:
         self.engine_panel.append(f"engine exited with code {code}", "window")
         if self.current_job is not None and not self.progress.finished:
-            self.progress_panel.label.setText("Engine stopped; the job is marked interrupted (requeue it).")
+            self.progress_panel.set_message("Engine stopped; the job is marked interrupted (requeue it).")
         self._tick.stop()
 
     # ---- closing ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from PySide6.QtCore import QEvent, QPointF, QRectF, QSize, Qt
+from PySide6.QtCore import QEvent, QPointF, QRectF, QSize, Qt, QTimer
 from PySide6.QtGui import QColor, QFont, QHelpEvent, QPainter, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QToolTip, QWidget
 
@@ -43,6 +43,7 @@ BACKGROUND = QColor(250, 250, 252)
 PHASE = QColor(60, 110, 200)
 FOOT_MAX = 0.45  # the waiting foot takes at most this share of a mark, so its colour still shows
 TEXT = QColor(60, 64, 72)
+REPAINT_MS = 40  # step events may come hundreds a second (several ranks): repaint at most ~25 times a second
 
 
 @dataclass
@@ -62,6 +63,8 @@ class TimelineView(QWidget):
         super().__init__(parent)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.setMouseTracking(True)
+        self._repaint = QTimer(self, singleShot=True, interval=REPAINT_MS)
+        self._repaint.timeout.connect(self.update)
         self.reset()
 
     # ---- data ---------------------------------------------------------------------------------
@@ -96,7 +99,8 @@ class TimelineView(QWidget):
             float(event.get("comm_wait_s", 0.0) or 0.0),
         )
         self.latest_step = max(self.latest_step, step)
-        self.update()  # Qt merges the repaints of a burst of events into one
+        if not self._repaint.isActive():
+            self._repaint.start()  # one repaint for a burst of events
 
     def ranks(self) -> list[int]:
         return sorted(self.marks) or [0]
@@ -213,8 +217,16 @@ class TimelineView(QWidget):
         painter.drawText(
             label, Qt.AlignmentFlag.AlignVCenter | Qt.AlignmentFlag.AlignLeft, f"rank {rank}\n{device}"
         )
+        width = self._step_width()
+        gap = 1.0 if width >= 4 else 0.0  # as in mark_rect, computed once per lane
+        mark_width, left, top, height = (
+            max(1.0, width - gap),
+            lane.left() + gap / 2,
+            lane.top(),
+            lane.height(),
+        )
         for step, mark in self.marks.get(rank, {}).items():
-            rect = self.mark_rect(rank, step)
+            rect = QRectF(left + step * width, top, mark_width, height)
             colour = ACTION_COLOURS.get(mark.action, UNKNOWN_COLOUR)
             painter.fillRect(rect, colour)
             if mark.wait_share > 0.01:  # the darker foot: time spent waiting on other ranks

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from app.engine_process import EngineProcess
 from engine.protocol import GenerationRequest
-from ui.engine_client import EngineClient, EngineState
-from ui.main_window import MainWindow
+from tests.ui.conftest import open_studio
+from ui.engine_client import EngineState
 
 pytestmark = pytest.mark.slow
 
@@ -28,25 +27,9 @@ REQUEST = GenerationRequest(
 
 
 @pytest.fixture
-def studio(qtbot, tmp_path, monkeypatch, settings, _output_dir):
-    monkeypatch.setenv("PARASTEP_STATE_DIR", str(tmp_path / "state"))
-    folder = tmp_path / "sock"
-    folder.mkdir(mode=0o700)
-    socket_path = str(folder / "engine.sock")
-    launcher = EngineProcess(socket_path)
-    client = EngineClient(socket_path, launcher, auto_restart=False)
-    window = MainWindow(client, settings, output_dir=_output_dir)
-    qtbot.addWidget(window)
-    log: list[str] = []
-    launcher.output.connect(log.append)
-    window.engine_log = log
-    window.show()
-    client.start()
-    try:
+def studio(qtbot, tmp_path, settings, _output_dir):
+    with open_studio(tmp_path, settings, _output_dir) as window:
         yield window
-    finally:
-        client.stop()  # the engine and its workers must be gone before the leak check
-        assert not launcher.is_running()
 
 
 def test_generate_previews_finish_and_history(qtbot, studio, _output_dir):

@@ -57,7 +57,7 @@ def test_rank_devices():
     assert rank_devices("auto") == []
 
 
-def test_a_job_flows_through_the_panels(make_window, tmp_path):
+def test_a_job_flows_through_the_panels(qtbot, make_window, tmp_path):
     window = make_window()
     dispatch = window.client._dispatch
     job = {"job_id": "j1", "status": "running", "request": REQUEST.to_dict(), "compare": None}
@@ -77,7 +77,8 @@ def test_a_job_flows_through_the_panels(make_window, tmp_path):
     dispatch(
         {"type": "preview", "job_id": "j1", "step": 3, "total": 4, "images": [png()], "frame_indices": [0]}
     )
-    assert window.progress.step == 4 and "step 4/4" in window.progress_panel.label.text()
+    assert window.progress.step == 4
+    qtbot.waitUntil(lambda: "step 4/4" in window.progress_panel.label.text(), timeout=1000)
 
     # The engine saves the clip, then says so: the history lists it.
     clips = tmp_path / "clips"
@@ -163,3 +164,31 @@ def test_add_model_folder(make_window, tmp_path, catalog):
     }
     window.client._dispatch({**catalog, "models": [*catalog["models"], entry]})  # the engine's answer
     assert window.request_panel.request().model == "my-cogvideox"
+
+
+def test_a_job_that_ends_early_keeps_its_message(qtbot, make_window):
+    """Steps refresh the progress a little later; the end of a job must not be overwritten by that."""
+    window = make_window()
+    dispatch = window.client._dispatch
+    label = window.progress_panel.label
+
+    def run_steps(job_id: str) -> None:
+        job = {"job_id": job_id, "status": "running", "request": REQUEST.to_dict(), "compare": None}
+        dispatch({"type": "queue", "jobs": [job]})
+        dispatch({"type": "job_started", "job_id": job_id})
+        dispatch({"type": "stage", "job_id": job_id, "stage": "denoise"})
+        for step in range(3):
+            step_event = {"type": "step", "job_id": job_id, "rank": 0, "step": step, "total": 4}
+            dispatch({**step_event, "action": "compute", "compute_s": 0.01, "comm_wait_s": 0.0})
+
+    run_steps("j1")
+    dispatch({"type": "job_cancelled", "job_id": "j1"})
+    assert label.text() == "Cancelled."
+    qtbot.wait(250)  # longer than the step refresh delay
+    assert label.text() == "Cancelled."
+
+    run_steps("j2")
+    window.client.engine_died.emit(-1, "killed")
+    assert label.text().startswith("Engine stopped")
+    qtbot.wait(250)
+    assert label.text().startswith("Engine stopped")

@@ -267,3 +267,42 @@ def test_mp4_thumbnails_are_made_in_the_background(qtbot, tmp_path):
     assert cache.pending() == 0
     cache.get(folder / "missing.mp4")  # gone or unreadable clips are skipped quietly
     assert cache.pending() == 0
+
+
+def test_a_long_preview_is_decoded_a_slice_at_a_time(qtbot, monkeypatch):
+    """Tens of frames are decoded over several turns of the event loop; the old frames stay up
+    meanwhile, and a preview that arrives during the decode is shown next."""
+    import base64
+
+    from PySide6.QtCore import QBuffer, QByteArray, QIODevice
+    from PySide6.QtGui import QColor, QImage
+
+    import ui.preview_view as preview_view
+
+    def png(colour: str) -> str:
+        image = QImage(32, 16, QImage.Format.Format_RGB32)
+        image.fill(QColor(colour))
+        data = QByteArray()
+        buffer = QBuffer(data)
+        buffer.open(QIODevice.OpenModeFlag.WriteOnly)
+        image.save(buffer, "PNG")
+        return base64.b64encode(bytes(data.data())).decode()
+
+    monkeypatch.setattr(preview_view, "DECODE_SLICE_S", 0.0)  # one frame per turn
+    view = PreviewView()
+    qtbot.addWidget(view)
+    view.show_preview({"step": 0, "total": 9, "images": [png("red")], "frame_indices": [0]})
+    view.flush()
+    assert view.decoded == 1 and len(view.frames) == 1
+
+    long_preview = {"step": 4, "total": 9, "images": [png("blue")] * 6, "frame_indices": list(range(6))}
+    view.show_preview(long_preview)
+    view._refresh.stop()
+    view._decode_pending()  # what the refresh timer does: the first slice only
+    assert view.decoded == 1 and len(view.frames) == 1  # still the red frame
+    assert view.frames[0].pixelColor(0, 0) == QColor("red")
+    view.show_preview({"step": 6, "total": 9, "images": [png("green")] * 2, "frame_indices": [0, 4]})
+    qtbot.waitUntil(lambda: view.decoded == 2, timeout=2000)
+    assert len(view.frames) == 6 and view.step == 5  # the long preview, complete
+    qtbot.waitUntil(lambda: view.decoded == 3, timeout=2000)
+    assert len(view.frames) == 2 and view.step == 7 and view.frames[0].pixelColor(0, 0) == QColor("green")
