@@ -759,3 +759,28 @@ def parse_ffmetadata(text: str) -> dict[str, str]:
     if in_value:
         entries.append(("".join(key), "".join(value)))
     return dict(entries)
+
+
+def export_clip(source: str | Path, target: str | Path) -> Path:
+    """Saves a clip again in the format `target`'s extension names (MP4/GIF, WAV/FLAC), with its metadata.
+
+    The sidecar of `source` is carried over (with an `exported_from` note); writing follows
+    `write_clip`'s rules: atomic, never over an existing file.
+    """
+    source = Path(source).expanduser()
+    request = read_request(source)  # also checks that this is one of our clips
+    sidecar = sidecar_path(source)
+    metadata = _load_json_file(sidecar) if sidecar.is_file() else {"request": request.to_dict()}
+    metadata = {**metadata, "exported_from": str(source)}
+    modality = "audio" if source.suffix.lower().lstrip(".") in EXTENSIONS["audio"] else "video"
+    target = plan_output(str(target), modality, source.stem)
+    if modality == "audio":
+        import soundfile as sf
+
+        audio, sample_rate = sf.read(str(source), dtype="float32", always_2d=False)
+        return write_clip(target, audio=audio, sample_rate=sample_rate, metadata=metadata)
+    import imageio.v3 as iio
+
+    frames = np.asarray(iio.imread(source, index=None))[..., :3]
+    fps = request.fps or metadata.get("fps") or 8
+    return write_clip(target, frames=frames, fps=float(fps), metadata=metadata)

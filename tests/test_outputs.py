@@ -543,3 +543,32 @@ def test_parse_ffmetadata_escapes_and_sections():
         "comment=stream level\n"
     )
     assert parse_ffmetadata(text) == {"major_brand": "isom", "comment": "a=b;c#d\\e\nnext line"}
+
+
+def test_export_changes_format_and_keeps_the_request(tmp_path):
+    import imageio.v3 as iio
+    import soundfile
+
+    from engine.outputs import build_metadata, export_clip, read_request, write_clip
+    from engine.protocol import GenerationRequest
+
+    video_request = GenerationRequest(model="tiny-cogvideox", prompt="export me", fps=8, frames=5)
+    frames = (np.random.default_rng(1).random((5, 32, 48, 3)) * 255).astype(np.uint8)
+    mp4 = write_clip(
+        tmp_path / "a.mp4", frames=frames, fps=8, metadata=build_metadata(video_request, timings={}, ranks=[])
+    )
+    gif = export_clip(mp4, tmp_path / "out" / "a.gif")
+    assert gif.suffix == ".gif" and iio.imread(gif, index=None).shape[1:3] == (32, 48)
+    assert read_request(gif) == video_request
+    audio_request = GenerationRequest(model="tiny-audioldm2", prompt="a tone", seconds=0.5)
+    tone = np.sin(np.linspace(0, 440 * 2 * np.pi * 0.5, 8000)).astype(np.float32) * 0.5
+    wav = write_clip(
+        tmp_path / "t.wav",
+        audio=tone,
+        sample_rate=16000,
+        metadata=build_metadata(audio_request, timings={}, ranks=[]),
+    )
+    flac = export_clip(wav, tmp_path / "t2.flac")  # t.flac would share t.json with t.wav
+    assert soundfile.info(str(flac)).frames == 8000 and read_request(flac) == audio_request
+    with pytest.raises(UserError):
+        export_clip(wav, tmp_path / "t2.flac")  # never over an existing file

@@ -18,6 +18,7 @@ from PySide6.QtCore import QSize, Qt, QUrl, Signal
 from PySide6.QtGui import QColor, QDesktopServices, QIcon, QImageReader, QPainter, QPixmap
 from PySide6.QtWidgets import (
     QCheckBox,
+    QFileDialog,
     QHBoxLayout,
     QLineEdit,
     QListView,
@@ -30,7 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.errors import UserError
-from engine.outputs import EXTENSIONS, read_request
+from engine.outputs import EXTENSIONS, export_clip, read_request
 from engine.protocol import GenerationRequest
 from ui.thumbnails import ThumbnailCache
 
@@ -148,6 +149,9 @@ class HistoryPanel(QWidget):
         self.folder_button = QPushButton("Open folder")
         self.delete_button = QPushButton("Delete")
         self.refresh_button = QPushButton("Refresh")
+        self.export_button = QPushButton("Export...")
+        self.export_button.setToolTip("Save the clip as MP4, GIF, WAV or FLAC, with its settings")
+        self.export_button.clicked.connect(self._export)
         self.use_button.clicked.connect(self._use_settings)
         self.favourite_button.clicked.connect(self.toggle_favourite)
         self.open_button.clicked.connect(lambda: self._open(self.list.currentItem()))
@@ -163,6 +167,7 @@ class HistoryPanel(QWidget):
             buttons.addWidget(button)
         buttons2 = QHBoxLayout()
         buttons2.addWidget(self.folder_button)
+        buttons2.addWidget(self.export_button)
         buttons2.addWidget(self.refresh_button)
         buttons2.addStretch(1)
         layout = QVBoxLayout(self)
@@ -249,6 +254,31 @@ class HistoryPanel(QWidget):
         if entry is not None and entry.clip is not None:
             self.open_requested.emit(str(entry.clip))
 
+    def export_selected(self, target: str) -> Path:
+        """Saves the selected clip in the format `target`'s extension names; raises UserError."""
+        entry = self.selected_entry()
+        if entry is None or entry.clip is None:
+            raise UserError("No clip is selected.", "Select a clip in the history first.")
+        exported = export_clip(entry.clip, target)
+        self.refresh()
+        return exported
+
+    def _export(self) -> None:
+        entry = self.selected_entry()
+        if entry is None or entry.clip is None:
+            return
+        audio = entry.clip.suffix.lower() in (".wav", ".flac")
+        filters = "FLAC (*.flac);;WAV (*.wav)" if audio else "MP4 video (*.mp4);;GIF (*.gif)"
+        target, _ = QFileDialog.getSaveFileName(
+            self, "Export clip", str(entry.clip.with_name(entry.clip.stem + "-export")), filters
+        )
+        if not target:
+            return
+        try:
+            self.export_selected(target)
+        except UserError as exc:
+            QMessageBox.warning(self, "Export failed", str(exc))
+
     def _open_folder(self) -> None:
         QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.folder)))
 
@@ -277,3 +307,4 @@ class HistoryPanel(QWidget):
         for button in (self.use_button, self.favourite_button, self.delete_button):
             button.setEnabled(entry is not None)
         self.open_button.setEnabled(entry is not None and entry.clip is not None)
+        self.export_button.setEnabled(entry is not None and entry.clip is not None)

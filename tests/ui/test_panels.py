@@ -7,6 +7,7 @@ import io
 import json
 import os
 
+import numpy as np
 from PIL import Image
 
 from engine.outputs import build_metadata
@@ -119,6 +120,28 @@ def test_history_lists_searches_restores_and_deletes(qtbot, tmp_path):
     assert not (folder / "cat.gif").exists() and not (folder / "cat.json").exists()
     panel.favourites_only.setChecked(False)
     assert [e.request for e in panel.visible_entries()] == [rain]
+
+
+def test_history_exports_a_clip_to_another_format_with_its_settings(qtbot, tmp_path):
+    from engine.outputs import read_request
+    from engine.outputs import write_clip as save_clip
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    request = GenerationRequest(model="tiny-cogvideox", prompt="a red circle", fps=8, frames=5)
+    frames = np.zeros((5, 32, 48, 3), np.uint8)
+    frames[:, :, :24] = 255
+    save_clip(
+        folder / "clip.mp4", frames=frames, fps=8, metadata=build_metadata(request, timings={}, ranks=[])
+    )
+    panel = HistoryPanel(folder)
+    qtbot.addWidget(panel)
+    panel.refresh()
+    panel.list.setCurrentRow(0)
+    assert panel.export_button.isEnabled()
+    exported = panel.export_selected(str(folder / "clip-small.gif"))
+    assert exported.is_file() and read_request(exported) == request
+    assert len(panel.visible_entries()) == 2  # the export appears in the history
 
 
 # ---------------------------------------------------------------------------------- compare, progress
