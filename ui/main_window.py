@@ -35,6 +35,7 @@ from ui.engine_panel import EnginePanel, EngineStatusLabel
 from ui.history_panel import HistoryPanel
 from ui.job_progress import JobProgress, ProgressPanel
 from ui.model_info import ModelInfo
+from ui.notifier import Notifier
 from ui.preview_view import PreviewView
 from ui.queue_panel import QueuePanel
 from ui.request_panel import RequestPanel
@@ -56,6 +57,17 @@ def rank_devices(devices: str) -> list[str]:
         return []
     kind, values = parsed
     return ["cpu"] * values[0] if kind == "cpu" else [f"cuda:{i}" for i in values]
+
+
+def job_title(job: dict[str, Any]) -> str:
+    """A job in one short line for a notification: model and the start of the prompt."""
+    request = job.get("request") or {}
+    model = request.get("model") or job.get("job_id") or "job"
+    prompt = " ".join(str(request.get("prompt") or "").split())
+    if len(prompt) > 50:
+        prompt = prompt[:49] + "…"
+    what = "comparison" if job.get("compare") else model
+    return f"{what}: {prompt}" if prompt else str(what)
 
 
 class MainWindow(QMainWindow):
@@ -99,6 +111,7 @@ class MainWindow(QMainWindow):
         self.engine_panel = EnginePanel()
         self.compare_lab = CompareLab(self.request_panel.request)
         self.status_label = EngineStatusLabel()
+        self.notifier = Notifier(self, self.settings)
         # The player (QtMultimedia) is created on first use: it starts a media backend.
         self._result_viewer: ResultViewer | None = None
 
@@ -165,6 +178,15 @@ class MainWindow(QMainWindow):
         view_menu = self.menuBar().addMenu("&View")
         for dock in self.findChildren(QDockWidget):
             view_menu.addAction(dock.toggleViewAction())
+        view_menu.addSeparator()
+        self.notify_action = QAction("Notify when a job ends", self, checkable=True)
+        self.notify_action.setChecked(self.settings.notify_when_done())
+        self.notify_action.toggled.connect(self.settings.set_notify_when_done)
+        self.sound_action = QAction("Play a sound when a job ends", self, checkable=True)
+        self.sound_action.setChecked(self.settings.notify_sound())
+        self.sound_action.toggled.connect(self.settings.set_notify_sound)
+        view_menu.addAction(self.notify_action)
+        view_menu.addAction(self.sound_action)
 
     def _connect_client(self) -> None:
         c = self.client
@@ -368,6 +390,7 @@ class MainWindow(QMainWindow):
         self._end_job(f"Done: {result.get('output') or 'comparison finished'}")
         self.preview.flush()
         job = self._job(job_id)
+        self.notifier.job_ended(job_title(job), True, Path(result.get("output") or "").name)
         self.history_panel.refresh()
         if job.get("compare") or "rows" in result:
             self.compare_lab.show_report(result)
@@ -380,6 +403,7 @@ class MainWindow(QMainWindow):
         self._end_job(f"Failed: {error}", finished=False)
         self.preview.set_message(f"Failed: {error}")
         self.engine_panel.append(f"job {job_id} failed: {error}", "window")
+        self.notifier.job_ended(job_title(self._job(job_id)), False, error)
 
     def _on_job_cancelled(self, job_id: str) -> None:
         self._end_job("Cancelled.", finished=False)

@@ -1,7 +1,10 @@
 """The result viewer: plays a finished clip with play/pause, loop, scrub and mute.
 
 A new video result starts playing muted and looping (a generated clip is short; sound would be a
-surprise); audio results load paused, since muted audio shows nothing.
+surprise); audio results load paused, since muted audio shows nothing, and show their waveform
+(`ui.waveform`). A video can be stepped one frame at a time (the buttons, or the , and . keys): the
+player pauses and moves by one frame at the clip's rate (from its sidecar, else the player's
+metadata, else `DEFAULT_FPS`).
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl
-from PySide6.QtMultimedia import QAudioOutput, QMediaPlayer
+from PySide6.QtGui import QKeyEvent
+from PySide6.QtMultimedia import QAudioOutput, QMediaMetaData, QMediaPlayer
 from PySide6.QtMultimediaWidgets import QVideoWidget
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -22,7 +26,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.outputs import EXTENSIONS
+from engine.errors import UserError
+from engine.outputs import EXTENSIONS, read_request, sidecar_path
+from ui.waveform import WaveformView
+
+DEFAULT_FPS = 8.0  # when neither the sidecar nor the player knows the clip's rate
 
 
 def _clock(ms: int) -> str:
@@ -30,10 +38,27 @@ def _clock(ms: int) -> str:
     return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
 
 
+def frame_step_target(position: int, delta: int, fps: float, duration: int = 0) -> int:
+    """The player position (ms) `delta` frames from `position`, at `fps`, within [0, duration].
+
+    The current frame is the one whose start is nearest `position`; the target is the start of
+    the frame `delta` away, rounded to the millisecond (QMediaPlayer positions are whole ms).
+    """
+    fps = fps if fps > 0 else DEFAULT_FPS
+    frame = max(0, round(position * fps / 1000) + delta)
+    target = round(frame * 1000 / fps)
+    if duration > 0:
+        # The last frame starts one frame before the end.
+        target = min(target, max(0, duration - round(1000 / fps)))
+    return max(0, target)
+
+
 class ResultViewer(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.path: str | None = None
+        self.fps: float | None = None  # the clip's frame rate, when known
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)  # for the , and . keys
         self.player = QMediaPlayer(self)
         self.audio = QAudioOutput(self)
         self.player.setAudioOutput(self.audio)
@@ -41,9 +66,23 @@ class ResultViewer(QWidget):
         self.player.setVideoOutput(self.video)
         self.audio_label = QLabel("No clip yet", alignment=Qt.AlignmentFlag.AlignCenter)
         self.audio_label.setStyleSheet("font-size: 16px; color: palette(mid);")
+        self.waveform = WaveformView()
+        self.waveform.hide()
+        audio_page = QWidget()
+        audio_layout = QVBoxLayout(audio_page)
+        audio_layout.addWidget(self.audio_label, 1)
+        audio_layout.addWidget(self.waveform)
 
         self.play_button = QPushButton("Play")
         self.play_button.clicked.connect(self.toggle_play)
+        self.prev_button = QPushButton("◀|")
+        self.prev_button.setToolTip("Previous frame (,)")
+        self.prev_button.clicked.connect(lambda: self.step_frame(-1))
+        self.next_button = QPushButton("|▶")
+        self.next_button.setToolTip("Next frame (.)")
+        self.next_button.clicked.connect(lambda: self.step_frame(1))
+        for button in (self.prev_button, self.next_button):
+            button.setFocusPolicy(Qt.FocusPolicy.NoFocus)
         self.loop_box = QCheckBox("Loop")
         self.loop_box.setChecked(True)
         self.loop_box.toggled.connect(self._apply_loop)
@@ -59,13 +98,16 @@ class ResultViewer(QWidget):
         self.player.positionChanged.connect(self._on_position)
         self.player.durationChanged.connect(self._on_duration)
         self.player.playbackStateChanged.connect(self._on_state)
+        self.player.metaDataChanged.connect(self._on_metadata)
         self.player.errorOccurred.connect(lambda _e, text: self.name_label.setText(f"Cannot play: {text}"))
 
         self.stack = QStackedLayout()
-        self.stack.addWidget(self.audio_label)
+        self.stack.addWidget(audio_page)
         self.stack.addWidget(self.video)
         controls = QHBoxLayout()
         controls.addWidget(self.play_button)
+        controls.addWidget(self.prev_button)
+        controls.addWidget(self.next_button)
         controls.addWidget(self.slider, 1)
         controls.addWidget(self.time_label)
         controls.addWidget(self.loop_box)
@@ -82,6 +124,15 @@ class ResultViewer(QWidget):
         self.stack.setCurrentIndex(0 if audio else 1)
         self.audio_label.setText(f"♪ {Path(path).name}" if audio else "")
         self.name_label.setText(path)
+        self.fps = None if audio else self._sidecar_fps(path)
+        self.prev_button.setEnabled(not audio)
+        self.next_button.setEnabled(not audio)
+        if audio:
+            self.waveform.show()
+            self.waveform.load(path)
+        else:
+            self.waveform.hide()
+            self.waveform.clear()
         self.player.stop()
         self.player.setSource(QUrl.fromLocalFile(path))
         if autoplay and not audio:
@@ -92,6 +143,9 @@ class ResultViewer(QWidget):
         self.player.stop()
         self.player.setSource(QUrl())
         self.path = None
+        self.fps = None
+        self.waveform.hide()
+        self.waveform.clear()
         self.stack.setCurrentIndex(0)
         self.audio_label.setText("No clip yet")
         self.name_label.clear()
@@ -102,6 +156,49 @@ class ResultViewer(QWidget):
         elif self.path:
             self.player.play()
 
+    @staticmethod
+    def _sidecar_fps(path: str) -> float | None:
+        """The requested rate from the clip's sidecar (only the sidecar: no ffmpeg on this thread)."""
+        sidecar = sidecar_path(path)
+        if not sidecar.is_file():
+            return None
+        try:
+            fps = read_request(sidecar).fps
+        except UserError:
+            return None
+        return float(fps) if fps else None
+
+    def frame_rate(self) -> float:
+        return self.fps or DEFAULT_FPS
+
+    def step_target(self, delta: int) -> int:
+        return frame_step_target(self.player.position(), delta, self.frame_rate(), self.player.duration())
+
+    def step_frame(self, delta: int) -> None:
+        """Pause, then move `delta` frames (negative: back)."""
+        if not self.path or self.stack.currentIndex() != 1:
+            return
+        if self.player.playbackState() == QMediaPlayer.PlaybackState.PlayingState:
+            self.player.pause()
+        target = self.step_target(delta)
+        self.player.setPosition(target)
+        self._on_position(target)
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:
+        if event.key() == Qt.Key.Key_Comma:
+            self.step_frame(-1)
+        elif event.key() == Qt.Key.Key_Period:
+            self.step_frame(1)
+        else:
+            super().keyPressEvent(event)
+
+    def _on_metadata(self) -> None:
+        if self.fps:
+            return  # the sidecar's rate is the one the clip was written at
+        rate = self.player.metaData().value(QMediaMetaData.Key.VideoFrameRate)
+        if isinstance(rate, (int, float)) and rate > 0:
+            self.fps = float(rate)
+
     def _apply_loop(self, on: bool) -> None:
         self.player.setLoops(QMediaPlayer.Loops.Infinite if on else QMediaPlayer.Loops.Once)
 
@@ -109,6 +206,9 @@ class ResultViewer(QWidget):
         if not self.slider.isSliderDown():
             self.slider.setValue(position)
         self.time_label.setText(f"{_clock(position)} / {_clock(self.player.duration())}")
+        duration = self.player.duration()
+        if self.waveform.isVisible() and duration > 0:
+            self.waveform.set_playhead(position / duration)
 
     def _on_duration(self, duration: int) -> None:
         self.slider.setRange(0, duration)

@@ -1,5 +1,5 @@
 """What the window remembers between runs (QSettings): the last request, seed mode, model folders,
-favourites, and the window's layout.
+favourites, notifications (on) and their sound (off), and the window's layout.
 
 On Linux QSettings writes `$XDG_CONFIG_HOME/parastep-studio/parastep-studio.conf`. Structured
 values are stored as JSON text, so that they read back the same on every platform's backend.
@@ -72,6 +72,19 @@ class StudioSettings:
 
     def set_compare_entries(self, entries: list[list[str]]) -> None:
         self._set_json("compare/entries", entries)
+
+    # ---- notifications ------------------------------------------------------------------------
+    def notify_when_done(self) -> bool:
+        return bool(self.qsettings.value("notify/enabled", True, type=bool))
+
+    def set_notify_when_done(self, on: bool) -> None:
+        self.qsettings.setValue("notify/enabled", bool(on))
+
+    def notify_sound(self) -> bool:
+        return bool(self.qsettings.value("notify/sound", False, type=bool))
+
+    def set_notify_sound(self, on: bool) -> None:
+        self.qsettings.setValue("notify/sound", bool(on))
 
     # ---- window -------------------------------------------------------------------------------
     def window_state(self) -> tuple[QByteArray | None, QByteArray | None]:
