@@ -60,3 +60,36 @@ def test_installed_step_keeps_the_scheduler_signature():
     assert {"eta", "generator"} <= set(inspect.signature(pipe.scheduler.step).parameters)
     strategy.uninstall()
     assert "step" not in vars(pipe.scheduler)
+
+
+def test_only_the_sequential_strategy_allows_two_denoiser_calls_per_step():
+    """Pipelines with separate cond/uncond passes run sequentially; step-parallel ones refuse them."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from engine.errors import UserError
+    from engine.strategies import STRATEGIES
+    from engine.strategies.base import JobContext
+
+    def two_calls_then_step(strategy_name: str) -> None:
+        class Pipe:
+            unet = torch.nn.Linear(2, 2)
+            scheduler = DDIMScheduler()
+
+        pipe = Pipe()
+        pipe.scheduler.set_timesteps(2)
+        ctx = JobContext(
+            rank=0, world_size=1, device=torch.device("cpu"), total_steps=2, options={"warmup": 2}
+        )
+        strategy = STRATEGIES[strategy_name](ctx)
+        strategy.install(pipe)
+        try:
+            x = torch.zeros(1, 2)
+            pipe.unet(x)
+            pipe.unet(x)
+        finally:
+            strategy.uninstall()
+
+    two_calls_then_step("sequential")
+    with pytest.raises(UserError, match="more than once per step"):
+        two_calls_then_step("parastep")

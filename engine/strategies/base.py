@@ -101,6 +101,7 @@ class Strategy:
     options: tuple[StrategyOption, ...] = ()
     min_devices = 1
     max_devices: int | None = 1  # None: any number
+    one_call_per_step = True  # the step index must advance exactly once per denoiser call
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
@@ -111,7 +112,6 @@ class Strategy:
         self._step_compute = 0.0
         self._step_wait = 0.0
         self._action = "compute"
-        self._rebuild: Callable[[torch.Tensor], Any] = lambda t: (t,)
         self._installed: tuple[Any, Any] | None = None
         self._timed_first = False
         self._called_this_step = False
@@ -142,7 +142,7 @@ class Strategy:
 
     # ---- the two interception points ----------------------------------------------------------
     def _denoise(self, module: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        if self._called_this_step:  # every rank meets this at the same step, so none is left waiting
+        if self._called_this_step and self.one_call_per_step:  # every rank meets it at the same step
             raise UserError(
                 f"{type(module).__name__} is called more than once per step (e.g. separate conditional and "
                 "unconditional passes); step-parallel strategies need one call per scheduler step.",
@@ -188,7 +188,6 @@ class Strategy:
         self.counters.compute_s += elapsed
         self._step_compute += elapsed
         self._action = "compute"
-        _, self._rebuild = split_output(output)
         return output
 
     def _sync_device(self) -> None:
