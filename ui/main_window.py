@@ -8,6 +8,7 @@ right; the engine's status and log at the bottom. The window only talks to the e
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +89,8 @@ class MainWindow(QMainWindow):
         self._catalog_requested = False
         self._select_after_catalog: str | None = None  # a model folder just added
 
-        self._build_panels(output_dir or default_output_dir())
+        chosen = self.settings.output_folder()
+        self._build_panels(output_dir or (Path(chosen) if chosen else default_output_dir()))
         self._build_layout()
         self._build_menus()
         self._connect_client()
@@ -160,6 +162,8 @@ class MainWindow(QMainWindow):
         file_menu = self.menuBar().addMenu("&File")
         add_folder = QAction("Add model folder...", self)
         add_folder.triggered.connect(self.request_panel.pick_model_folder)
+        choose_output = QAction("Choose output folder...", self)
+        choose_output.triggered.connect(self._choose_output_folder)
         open_output = QAction("Open output folder", self)
         open_output.triggered.connect(
             lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.history_panel.folder)))
@@ -169,7 +173,7 @@ class MainWindow(QMainWindow):
         quit_action = QAction("Quit", self)
         quit_action.setShortcut(QKeySequence(QKeySequence.StandardKey.Quit))
         quit_action.triggered.connect(self.close)
-        for action in (add_folder, open_settings, open_output, quit_action):
+        for action in (add_folder, open_settings, choose_output, open_output, quit_action):
             file_menu.addAction(action)
         engine_menu = self.menuBar().addMenu("&Engine")
         restart = QAction("Restart engine", self)
@@ -255,14 +259,36 @@ class MainWindow(QMainWindow):
         self.result_viewer.show_clip(path)
         self.tabs.setCurrentWidget(self.result_tab)
 
+    # ---- output folder --------------------------------------------------------------------------
+    def _choose_output_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(
+            self, "Folder for new clips", str(self.history_panel.folder)
+        )
+        if folder:
+            self.set_output_folder(Path(folder))
+
+    def set_output_folder(self, folder: Path) -> None:
+        """New clips go to `folder` (remembered), and the history shows it."""
+        self.settings.set_output_folder(str(folder))
+        self.history_panel.set_folder(folder)
+        self.history_panel.refresh()
+
+    def _with_output(self, request: GenerationRequest) -> GenerationRequest:
+        chosen = self.settings.output_folder()
+        if request.output is None and chosen:
+            return dataclasses.replace(request, output=chosen.rstrip("/") + "/")
+        return request
+
     # ---- requests -----------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
         self.settings.set_last_request(request)
+        request = self._with_output(request)
         if not self.client.submit(request.to_dict(), on_reply=self._on_submitted):
             self.statusBar().showMessage("The engine is not running: start it with Engine > Restart.", 8000)
 
     def submit_comparison(self, request: GenerationRequest, entries: list[list[str]]) -> None:
         self.settings.set_last_request(request)
+        request = self._with_output(request)
         if not self.client.submit(request.to_dict(), compare=entries, on_reply=self._on_submitted):
             self.statusBar().showMessage("The engine is not running: start it with Engine > Restart.", 8000)
 

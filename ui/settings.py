@@ -54,6 +54,14 @@ class StudioSettings:
     def set_seed_mode(self, mode: str) -> None:
         self.qsettings.setValue("request/seed_mode", mode)
 
+    def output_folder(self) -> str | None:
+        """The folder the user chose for clips; None: the engine's default (XDG videos folder)."""
+        value = self.qsettings.value("output/folder", "")
+        return str(value) if value else None
+
+    def set_output_folder(self, folder: str) -> None:
+        self.qsettings.setValue("output/folder", folder)
+
     # ---- lists --------------------------------------------------------------------------------
     def model_folders(self) -> list[str]:
         return [str(f) for f in self._json("models/folders", [])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import pytest
@@ -192,3 +193,18 @@ def test_a_job_that_ends_early_keeps_its_message(qtbot, make_window):
     assert label.text().startswith("Engine stopped")
     qtbot.wait(250)
     assert label.text().startswith("Engine stopped")
+
+
+def test_chosen_output_folder_is_used_remembered_and_shown(make_window, tmp_path, monkeypatch):
+    window = make_window()
+    sent = []
+    monkeypatch.setattr(window.client, "submit", lambda request, **kwargs: sent.append(request) or True)
+    folder = tmp_path / "my clips"
+    folder.mkdir()
+    window.set_output_folder(folder)
+    window.submit(REQUEST)
+    assert sent[-1]["output"] == str(folder) + "/"
+    assert window.history_panel.folder == folder and window.settings.output_folder() == str(folder)
+    explicit = dataclasses.replace(REQUEST, output="/elsewhere/clip.mp4")
+    window.submit(explicit)
+    assert sent[-1]["output"] == "/elsewhere/clip.mp4"  # a request's own choice wins
