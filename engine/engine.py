@@ -88,6 +88,8 @@ class Engine:
                 "Use --devices cpu:1 or a single GPU, or pick the parastep strategy.",
             )
         resolved = adapter.resolve(request, entry)
+        if strategy.name != "sequential":
+            _check_scheduler(strategy.name, entry)
         options = self._resolve_options(strategy, resolved, adapter, len(devices))
         resolved = dataclasses.replace(
             resolved, strategy_options=options, devices=format_devices(devices), model=request.model
@@ -273,6 +275,30 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _check_scheduler(strategy: str, entry: ModelEntry) -> None:
+    """Step-parallel strategies need one denoiser call per scheduler step, and BatchStep a plain
+    `step(noise, t, latent)` for its look-ahead."""
+    import json
+
+    import diffusers
+
+    config = entry.path / "scheduler" / "scheduler_config.json"
+    name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
+    scheduler = getattr(diffusers, name, None)
+    if scheduler is not None and getattr(scheduler, "order", 1) != 1:
+        raise UserError(
+            f"'{entry.name}' uses {name}, a scheduler of order {scheduler.order} (several denoiser calls per "
+            f"step), which '{strategy}' cannot split.",
+            "Use the sequential strategy, or a first-order scheduler (DDIM, Euler, DPM-Solver multistep).",
+        )
+    if strategy == "batchstep" and name == "CogVideoXDPMScheduler":
+        raise UserError(
+            f"'{entry.name}' uses CogVideoXDPMScheduler, whose step needs the previous step's estimate; "
+            "BatchStep's look-ahead cannot call it.",
+            "Use parastep or sequential for this model.",
+        )
 
 
 def clip_stem(request: GenerationRequest) -> str:

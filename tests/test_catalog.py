@@ -62,3 +62,22 @@ def test_custom_pipeline_class_is_refused_not_crashing(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": ["pipeline", "MyPipeline"]}))
     with pytest.raises(UserError, match="custom pipeline"):
         ModelCatalog().resolve(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "strategy", "message"),
+    [("HeunDiscreteScheduler", "parastep", "order 2"), ("CogVideoXDPMScheduler", "batchstep", "look-ahead")],
+)
+def test_schedulers_a_strategy_cannot_split_are_refused_at_plan_time(tmp_path, scheduler, strategy, message):
+    from engine.engine import Engine
+    from engine.protocol import GenerationRequest
+
+    folder = tmp_path / "model"
+    shutil.copytree(TINY, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "_class_name": scheduler}))
+    request = GenerationRequest(model=str(folder), strategy=strategy, devices="cpu:1", steps=4)
+    with pytest.raises(UserError, match=message):
+        Engine().plan(request)
+    assert Engine().plan(GenerationRequest(model=str(folder), steps=4)).request.strategy == "sequential"
