@@ -10,8 +10,9 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
-import socket
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,12 +27,6 @@ POLL_S = 0.2
 DEFAULT_COLLECTIVE_TIMEOUT_S = float(os.environ.get("PARASTEP_COLLECTIVE_TIMEOUT_S", "30"))
 LOAD_TIMEOUT_S = float(os.environ.get("PARASTEP_LOAD_TIMEOUT_S", "900"))
 ERROR_GRACE_S = 2.0  # after one rank fails, how long its peers get to report before they are stopped
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class CancelFlag:
@@ -77,6 +72,7 @@ class WorkerGroup:
         self.commands: list[Any] = []
         self.processes: list[Any] = []
         self.load_s = 0.0
+        self._rendezvous: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -89,7 +85,10 @@ class WorkerGroup:
     def start(self, on_event: Callable[[Any], None] | None = None) -> None:
         if sys.platform.startswith("linux"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # peers talk over loopback only
-        init = f"tcp://127.0.0.1:{_free_loopback_port()}" if self.world_size > 1 else None
+        init = None
+        if self.world_size > 1:  # a file store in a private folder: no port to pick, nothing listening
+            self._rendezvous = tempfile.mkdtemp(prefix="parastep-rendezvous-")
+            init = f"file://{self._rendezvous}/store"
         start = time.perf_counter()
         for rank, device in enumerate(self.devices):
             spec = WorkerSpec(
@@ -147,6 +146,9 @@ class WorkerGroup:
             channel.join_thread()
         self.processes, self.commands = [], []
         WorkerGroup._running.discard(self)
+        if self._rendezvous:
+            shutil.rmtree(self._rendezvous, ignore_errors=True)
+            self._rendezvous = None
 
     # ---- jobs -------------------------------------------------------------------------------------
     def run(self, job: Job, on_event: Callable[[Any], None]) -> dict[str, Any]:
