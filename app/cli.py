@@ -181,13 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         progress = ProgressPrinter(quiet=args.json)
         if args.command == "generate":
             request = request_from_args(args, args.strategy)
-            plan = engine.plan(request)
-            from engine.engine import clip_stem
-            from engine.outputs import plan_output
-
-            path = plan_output(request.output, plan.adapter.modality, clip_stem(plan.request))
-            result = engine.run(plan, progress, previews=not args.no_previews)
-            summary = engine.save(result, path)
+            summary = engine.generate(request, progress, previews=not args.no_previews)
             if args.json:
                 print_json(summary)
             else:

@@ -182,13 +182,21 @@ class Engine:
             plan, payload["output"], payload["rate"], payload["latents"], timings, payload["ranks"], pending
         )
 
-    def generate(self, request: GenerationRequest, on_event: EventSink | None = None) -> dict[str, Any]:
-        """Plans, runs and saves one clip; returns the CLI's `generate --json` object."""
+    def generate(
+        self, request: GenerationRequest, on_event: EventSink | None = None, previews: bool = True
+    ) -> dict[str, Any]:
+        """Plans, runs and saves one clip; returns the CLI's `generate --json` object.
+
+        The output path is checked before the run, so a bad folder fails before any work.
+        """
         from engine.outputs import plan_output
 
         plan = self.plan(request)
         path = plan_output(request.output, plan.adapter.modality, clip_stem(plan.request))
-        result = self.run(plan, on_event)
+        result = self.run(plan, on_event, previews=previews)
+        if self._cancel.is_set():  # cancelled after the decode: skip the save, keep nothing
+            result.discard_pending()
+            raise JobCancelled()
         return self.save(result, path, on_event)
 
     def save(self, result: RunResult, path: Path, on_event: EventSink | None = None) -> dict[str, Any]:

@@ -701,15 +701,7 @@ class EngineServer:
 
             report = run_comparison(engine, request, [(name, devices) for name, devices in compare], sink)
             return json_safe(report)
-        from engine.engine import clip_stem
-        from engine.outputs import plan_output
-
-        plan = engine.plan(request)
-        path = plan_output(request.output, plan.adapter.modality, clip_stem(plan.request))
-        result = engine.run(plan, sink)
-        if self._cancel_job == job_id:  # cancelled after the last step: skip the save too
-            raise JobCancelled()
-        return json_safe(engine.save(result, path, sink))
+        return json_safe(engine.generate(request, sink))
 
     def _on_engine_event(self, job_id: str, event: Any) -> None:
         if self._cancel_job == job_id and self._engine is not None:
