@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -190,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
         from engine.compare import compare, parse_strategy_specs
 
         request = request_from_args(args)
-        if request.output and not (request.output.endswith("/") or _is_dir(request.output)):
+        if request.output and not (request.output.endswith("/") or os.path.isdir(request.output)):
             raise UserError(
                 f"compare writes one clip per strategy; --output '{request.output}' is not a folder.",
                 "Give a folder (ending in /) or leave --output out.",
@@ -202,12 +203,6 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _print_table(report["rows"])
         return 0
-
-
-def _is_dir(path: str) -> bool:
-    import os
-
-    return os.path.isdir(path)
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
