@@ -200,7 +200,7 @@ class Engine:
         return self.save(result, path, on_event)
 
     def save(self, result: RunResult, path: Path, on_event: EventSink | None = None) -> dict[str, Any]:
-        from engine.outputs import build_metadata, write_clip
+        from engine.outputs import build_metadata, sidecar_path, write_clip
 
         start = time.perf_counter()
         if on_event:
@@ -223,7 +223,7 @@ class Engine:
         result.timings["total_s"] += time.perf_counter() - start
         return {
             "output": str(clip),
-            "metadata": str(clip.with_suffix(".json")),
+            "metadata": str(sidecar_path(clip)),
             "model": request.model,
             "strategy": request.strategy,
             "strategy_options": request.strategy_options,
