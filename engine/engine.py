@@ -6,6 +6,7 @@ Headless (no Qt). The CLI uses it in-process; the window talks to it in a backgr
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from engine.errors import JobCancelled, UserError, WorkerFailure
 from engine.loading import check_weights
 from engine.models import FamilyAdapter, adapter_for
 from engine.protocol import GenerationRequest, StageEvent
-from engine.strategies import ideal_speedup, strategy_class
+from engine.strategies import strategy_class
 from engine.worker import Job
 from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, CancelFlag, WorkerGroup
 
@@ -37,11 +38,8 @@ class Plan:
 
     @property
     def ideal_speedup(self) -> float:
-        options = self.request.strategy_options
-        width = {"parastep": len(self.devices), "batchstep": options.get("lookahead", 1)}.get(
-            self.request.strategy, 1
-        )
-        return ideal_speedup(self.request.steps, options.get("warmup", 0), width) if width > 1 else 1.0
+        strategy = strategy_class(self.request.strategy)
+        return strategy.ideal_speedup(self.request.steps, self.request.strategy_options, len(self.devices))
 
 
 @dataclass
@@ -79,18 +77,21 @@ class Engine:
         entry = self.catalog.resolve(request.model)
         adapter = adapter_for(entry)
         strategy = strategy_class(request.strategy)
-        wanted = 1 if strategy.max_devices == 1 else None
-        devices = parse_devices(request.devices, wanted)
-        if strategy.max_devices is not None and len(devices) > strategy.max_devices:
+        devices = parse_devices(request.devices, strategy.max_devices)
+        if (request.devices or "auto").strip().lower() == "auto" and len(devices) > strategy.device_multiple:
+            devices = devices[: len(devices) - len(devices) % strategy.device_multiple]
+        _check_device_count(strategy, request.devices, len(devices))
+        reason = strategy.unavailable_reason(entry)
+        if reason is not None:
             raise UserError(
-                f"Strategy '{strategy.name}' runs on {strategy.max_devices} device; {request.devices} gives "
-                f"{len(devices)}.",
-                "Use --devices cpu:1 or a single GPU, or pick the parastep strategy.",
+                f"Strategy '{strategy.name}' cannot run '{entry.name}': {reason}",
+                "Pick another strategy (sequential always works).",
             )
         resolved = adapter.resolve(request, entry)
         if strategy.name != "sequential":
             _check_scheduler(strategy.name, entry)
         options = self._resolve_options(strategy, resolved, adapter, len(devices))
+        strategy.check_request(dataclasses.replace(resolved, strategy_options=options), adapter, len(devices))
         resolved = dataclasses.replace(
             resolved, strategy_options=options, devices=format_devices(devices), model=request.model
         )
@@ -127,7 +128,7 @@ class Engine:
                     f"Warm-up {warmup} is larger than the step count {request.steps}.",
                     f"Use --warmup from 1 to {request.steps}.",
                 )
-            parallel = ranks if strategy.name == "parastep" else options.get("lookahead", 1)
+            parallel = strategy.parallel_width(options, ranks)
             if warmup == 0 and parallel > 1 and request.steps > 0:
                 raise UserError(
                     f"'{strategy.name}' needs at least one warm-up step: the first round reuses a "
@@ -215,9 +216,12 @@ class Engine:
         except UserError as exc:
             if result.pending is None:
                 raise
+            command = f"parastep-studio decode {shlex.quote(str(result.pending))}"
+            if request.output:  # the recorded output is not trusted by `decode`: name it explicitly
+                command += f" --output {shlex.quote(request.output)}"
             raise UserError(
                 f"{exc.problem} The generated latents are kept in {result.pending}.",
-                f"{exc.fix} Then run `parastep-studio decode {result.pending}` to save the clip.",
+                f"{exc.fix} Then run `{command}` to save the clip.",
             ) from None
         result.discard_pending()
         result.timings["total_s"] += time.perf_counter() - start
@@ -241,10 +245,13 @@ class Engine:
 
         from engine.catalog import read_entry
         from engine.loading import load_pipeline, resolve_dtype
-        from engine.outputs import plan_output
+        from engine.output_policy import check_output_inside
+        from engine.outputs import default_output_dir, plan_output
         from engine.pending_decode import decode_with_fallback, load_pending
 
         latents, request, model_path = load_pending(path)
+        if output is None:  # a path read from a file: only inside the default output folder
+            check_output_inside(request.output, [default_output_dir()], f"the latents file {path}")
         entry = read_entry(model_path)
         adapter = adapter_for(entry)
         target = plan_output(
@@ -283,6 +290,23 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _check_device_count(strategy: Any, spec: str, count: int) -> None:
+    low, high, multiple = strategy.min_devices, strategy.max_devices, strategy.device_multiple
+    if low <= count and (high is None or count <= high) and count % multiple == 0:
+        return
+    if high == low:
+        wanted = f"{low}"
+    elif high is None:
+        wanted = f"at least {low}" + (f", a multiple of {multiple}" if multiple > 1 else "")
+    else:
+        wanted = f"{low} to {high}"
+    example = "cpu:1 or a single GPU" if high == 1 else f"cpu:{max(low, multiple)} or that many GPUs"
+    raise UserError(
+        f"Strategy '{strategy.name}' runs on {wanted} device(s); '{spec}' gives {count}.",
+        f"Use --devices {example}, or pick another strategy.",
+    )
 
 
 def _check_scheduler(strategy: str, entry: ModelEntry) -> None:

@@ -40,6 +40,7 @@ from engine.job_queue import (
     check_compare_specs,
     default_queue_path,
 )
+from engine.output_policy import check_output_inside
 from engine.protocol import PROTOCOL_VERSION, GenerationRequest
 from engine.socket_path import default_socket_path, prepare_socket_folder
 from engine.wire import MessageReader, WireError, encode_message
@@ -51,6 +52,10 @@ TICK_S = 0.05
 PARENT_POLL_S = 0.5
 MAX_CLIENT_BACKLOG = 64 * 1024 * 1024  # unsent bytes for one client before it is dropped
 STOP_GRACE_S = 15.0  # how long a stop waits for the running job to wind down before killing workers
+WIRE_FIX = (
+    "Send each message as a 4-byte big-endian length, then that many bytes (at most 16 MiB) of UTF-8 "
+    "JSON: one object with a string 'type' (docs/protocol.md)."
+)
 _QUEUE_SNAPSHOT = {"type": "queue"}  # posted by other threads; the snapshot is taken when sent
 
 
@@ -168,6 +173,7 @@ class EngineServer:
         self._current_job: str | None = None
         self._request_id: Any = None  # `id` of the client message being handled
         self._cancel_job: str | None = None
+        self._output_folders: list[Path] = []  # chosen by the user (allow_output), besides the default
         self._started = False
         self._closed = False
         self._handlers = {
@@ -179,6 +185,7 @@ class EngineServer:
             "requeue": self._on_requeue,
             "queue": self._on_queue,
             "shutdown": self._on_shutdown,
+            "allow_output": self._on_allow_output,
         }
 
     # ---- life cycle ---------------------------------------------------------------------------------
@@ -396,7 +403,7 @@ class EngineServer:
             try:
                 message = client.reader.next_message()
             except WireError as exc:
-                self._reply_error(client, str(exc))
+                self._reply_error(client, f"{exc} Fix: {WIRE_FIX}")
                 continue
             if message is None:
                 break
@@ -542,22 +549,21 @@ class EngineServer:
             from engine.strategies import STRATEGIES
 
             catalog = ModelCatalog([*self.model_folders, *(Path(f).expanduser() for f in folders)])
+            entries = catalog.entries()
             strategies = [
                 {
-                    "name": cls.name,
-                    "description": cls.description,
-                    "min_devices": cls.min_devices,
-                    "max_devices": cls.max_devices,
-                    "options": [
-                        {"name": o.name, "help": o.help, "default": o.default, "minimum": o.minimum}
-                        for o in cls.options
-                    ],
+                    **cls.describe(),
+                    "unavailable": {
+                        entry.name: reason
+                        for entry in entries
+                        if (reason := cls.unavailable_reason(entry)) is not None
+                    },
                 }
                 for cls in STRATEGIES.values()
             ]
             reply = {
                 "type": "catalog",
-                "models": [entry.to_dict() for entry in catalog.entries()],
+                "models": [entry.to_dict() for entry in entries],
                 "strategies": strategies,
                 "devices": [device.to_dict() for device in inventory()],
             }
@@ -574,6 +580,7 @@ class EngineServer:
                 "'submit' has no 'request' object.", "Send a GenerationRequest dict as 'request'."
             )
         normalised = GenerationRequest.from_dict(request).to_dict()
+        check_output_inside(normalised["output"], self.output_folders(), "the request")
         compare = check_compare_specs(message.get("compare"))
         assert self.queue is not None
         job = self.queue.submit(normalised, compare)
@@ -615,6 +622,27 @@ class EngineServer:
 
     def _on_queue(self, client: _Client, message: dict[str, Any]) -> None:
         self._send(client, self._queue_message(**self._reply_fields()))
+
+    def output_folders(self) -> list[Path]:
+        """Where requests may send clips: the default output folder and the folders clients allowed."""
+        from engine.outputs import default_output_dir
+
+        return [default_output_dir(), *self._output_folders]
+
+    def _on_allow_output(self, client: _Client, message: dict[str, Any]) -> None:
+        # Only the user can connect (0600 socket): a client's own message is the user's choice, unlike
+        # a request's `output`, which may come from a sidecar (engine.output_policy).
+        folder = message.get("folder")
+        if not isinstance(folder, str) or not Path(folder).expanduser().is_absolute():
+            raise UserError(
+                f"'allow_output' has folder {folder!r}; it must be an absolute folder path.",
+                "Send the folder the user chose for clips.",
+            )
+        path = Path(folder).expanduser()
+        if path not in self._output_folders:
+            self._output_folders.append(path)
+        folders = [str(f) for f in self.output_folders()]
+        self._send(client, {"type": "output_folders", "folders": folders, **self._reply_fields()})
 
     def _on_shutdown(self, client: _Client, message: dict[str, Any]) -> None:
         _log("shutdown requested by a client")

@@ -35,7 +35,7 @@ from ui.engine_client import EngineClient, EngineState
 from ui.engine_panel import EnginePanel, EngineStatusLabel
 from ui.history_panel import HistoryPanel
 from ui.job_progress import JobProgress, ProgressPanel
-from ui.model_info import ModelInfo
+from ui.model_info import BUILTIN_STRATEGIES, ModelInfo, strategy_width
 from ui.notifier import Notifier
 from ui.preview_view import PreviewView
 from ui.queue_panel import QueuePanel
@@ -84,6 +84,7 @@ class MainWindow(QMainWindow):
         self.client = client
         self.settings = settings or StudioSettings()
         self.models: dict[str, ModelInfo] = {}
+        self.strategies: dict[str, dict[str, Any]] = {}  # name -> the catalog's description
         self.current_job: dict[str, Any] | None = None
         self.runs_started = 0  # runs begun in the current job (a comparison has several)
         self._catalog_requested = False
@@ -195,6 +196,7 @@ class MainWindow(QMainWindow):
     def _connect_client(self) -> None:
         c = self.client
         c.state_changed.connect(self._on_state)
+        c.welcomed.connect(lambda _welcome: self._allow_output_folder())
         c.catalog_received.connect(self._on_catalog)
         c.queue_changed.connect(self.queue_panel.set_jobs)
         c.job_started.connect(self._on_job_started)
@@ -272,6 +274,14 @@ class MainWindow(QMainWindow):
         self.settings.set_output_folder(str(folder))
         self.history_panel.set_folder(folder)
         self.history_panel.refresh()
+        self._allow_output_folder()
+
+    def _allow_output_folder(self) -> None:
+        """Tells the engine the folder the user chose: it writes clips of requests (whose output may
+        come from a restored sidecar) only there and in the default folder (engine.output_policy)."""
+        chosen = self.settings.output_folder()
+        if chosen:
+            self.client.send({"type": "allow_output", "folder": chosen})
 
     def _with_output(self, request: GenerationRequest) -> GenerationRequest:
         chosen = self.settings.output_folder()
@@ -355,7 +365,8 @@ class MainWindow(QMainWindow):
         if self._select_after_catalog in self.models:
             self.request_panel.select_model(self._select_after_catalog)
         self._select_after_catalog = None
-        self.compare_lab.set_strategies([s["name"] for s in catalog.get("strategies", []) if s.get("name")])
+        self.strategies = {s["name"]: s for s in catalog.get("strategies", []) if s.get("name")}
+        self.compare_lab.set_strategies(list(self.strategies))
         gpus = [d for d in catalog.get("devices", []) if d.get("kind") == "cuda"]
         self.engine_panel.append(
             f"catalog: {len(self.models)} models, {len(gpus)} GPU(s)"
@@ -385,12 +396,15 @@ class MainWindow(QMainWindow):
         info = self.models.get(request.get("model", "")) or ModelInfo.unknown(request.get("model", ""))
         steps = request.get("steps") or info.defaults.get("steps") or 0
         options = request.get("strategy_options") or {}
-        ranks = rank_devices(devices) if strategy == "parastep" else rank_devices(devices)[:1]
+        described = self.strategies.get(strategy) or BUILTIN_STRATEGIES.get(strategy, {})
+        ranks = rank_devices(devices)
+        if described.get("max_devices", 1) == 1:
+            ranks = ranks[:1]
         warmup = round_width = None
-        if strategy in ("parastep", "batchstep") and steps:
+        if (described.get("ideal") or {}).get("rounds") and steps:
             warmup = options.get("warmup")
             warmup = info.default_warmup(steps) if warmup is None else warmup
-            round_width = len(ranks) if strategy == "parastep" else options.get("lookahead", 2)
+            round_width = strategy_width(described, options, len(ranks))
         self.timeline.reset(steps, ranks, warmup, round_width)
 
     def _on_stage(self, job_id: str, stage: str) -> None:

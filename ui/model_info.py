@@ -87,3 +87,41 @@ def ideal_speedup(total_steps: int, warmup: int, width: int) -> float:
         return 1.0
     warmup = min(max(warmup, 0), total_steps)
     return total_steps / (warmup + ceil((total_steps - warmup) / width))
+
+
+# The built-in strategies as the engine describes them, for a window that has no catalog yet.
+BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
+    "sequential": {"max_devices": 1, "ideal": {"width_from": "", "rounds": False}},
+    "parastep": {"max_devices": None, "ideal": {"width_from": "ranks", "rounds": True}},
+    "batchstep": {
+        "max_devices": 1,
+        "options": [{"name": "lookahead", "default": 2}],
+        "ideal": {"width_from": "lookahead", "rounds": True},
+    },
+}
+
+
+def strategy_width(strategy: dict[str, Any], options: dict[str, Any], ranks: int) -> int:
+    """The parallel width of a strategy as the engine describes it (its `ideal` entry)."""
+    ideal = strategy.get("ideal") or {}
+    source = ideal.get("width_from", "")
+    if source == "ranks":
+        return max(1, ranks // max(1, int(ideal.get("ranks_per_width", 1))))
+    if source:
+        value = options.get(source)
+        if not isinstance(value, int):
+            value = next(
+                (o.get("default") for o in strategy.get("options", []) if o.get("name") == source), 1
+            )
+        return int(value or 1)
+    return 1
+
+
+def strategy_ideal_speedup(
+    strategy: dict[str, Any], steps: int, warmup: int, options: dict[str, Any], ranks: int
+) -> float:
+    """factor * T / (W + ceil((T - W) / width)), as the engine's Strategy.ideal_speedup."""
+    factor = int((strategy.get("ideal") or {}).get("factor", 1))
+    width = strategy_width(strategy, options, ranks)
+    has_warmup = any(o.get("name") == "warmup" for o in strategy.get("options", []))
+    return factor * ideal_speedup(steps, warmup if has_warmup else 0, width)

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.devices import MAX_CPU_WORKERS_PER_CORE, cpu_cores
-from ui.model_info import ModelInfo, ideal_speedup
+from ui.model_info import BUILTIN_STRATEGIES, ModelInfo, strategy_ideal_speedup, strategy_width
 
 AUTO = "auto"
 DEFAULT_CPU_WORKERS = 2
@@ -75,7 +75,8 @@ class StrategyPicker(QWidget):
         self.speedup_label = QLabel()
         self.speedup_label.setToolTip(
             "Ideal speedup of the denoising loop: T / (W + ceil((T - W) / N)) for T steps, "
-            "W warm-up steps and N devices (P look-ahead latents for batchstep)."
+            "W warm-up steps and N devices (P look-ahead latents for batchstep), times 2 where the "
+            "guidance halves run on two devices."
         )
 
         devices_row = QHBoxLayout()
@@ -158,9 +159,14 @@ class StrategyPicker(QWidget):
     def set_value(self, strategy: str, options: dict[str, Any], devices: str) -> None:
         index = self.strategy_box.findData(strategy)
         if index < 0:  # not in the catalog (yet): keep it, with the options it names
+            # Until the catalog says otherwise: the built-in description, or no device limit.
             self._strategies.setdefault(
                 strategy,
-                {"name": strategy, "options": [{"name": k, "default": None, "minimum": 0} for k in options]},
+                {
+                    **BUILTIN_STRATEGIES.get(strategy, {"max_devices": None}),
+                    "name": strategy,
+                    "options": [{"name": k, "default": None, "minimum": 0} for k in options],
+                },
             )
             self.strategy_box.addItem(strategy, strategy)
             index = self.strategy_box.count() - 1
@@ -240,7 +246,7 @@ class StrategyPicker(QWidget):
 
     def _max_devices(self) -> int | None:
         info = self._strategies.get(self.strategy(), {})
-        return info.get("max_devices", None if self.strategy() == "parastep" else 1)
+        return info.get("max_devices", 1)
 
     def _apply_device_limit(self) -> None:
         """One-device strategies: CPU workers pinned to 1, GPU checkboxes exclusive."""
@@ -278,15 +284,10 @@ class StrategyPicker(QWidget):
         self.changed.emit()
 
     def ideal_terms(self) -> tuple[int, int, int] | None:
-        """(T, W, N) of the current choice (N is P for batchstep); None when T is not known."""
-        strategy = self.strategy()
-        if strategy == "parastep":
-            width = self.device_count()
-        elif strategy == "batchstep":
-            box = self._option_boxes.get("lookahead")
-            width = box.value() if box is not None else 2
-        else:
-            width = 1
+        """(T, W, width) of the current choice (width: N ranks, or P for batchstep); None when T is
+        not known."""
+        info = self._strategies.get(self.strategy(), {})
+        width = strategy_width(info, self.options(), self.device_count())
         steps = self._steps
         if steps is None and self._model is not None:
             steps = self._model.defaults.get("steps")
@@ -299,19 +300,22 @@ class StrategyPicker(QWidget):
 
     def ideal(self) -> float | None:
         """Ideal speedup of the current choice; None when the step count is not known."""
-        if self.strategy() not in ("parastep", "batchstep"):
-            return 1.0
+        info = self._strategies.get(self.strategy(), {})
         terms = self.ideal_terms()
-        return ideal_speedup(*terms) if terms is not None else None
+        if terms is None:
+            return None if (info.get("ideal") or {}).get("width_from") else 1.0
+        steps, warmup, _ = terms
+        return strategy_ideal_speedup(info, steps, warmup, self.options(), self.device_count())
 
     def _update_speedup(self) -> None:
         ideal = self.ideal()
         terms = self.ideal_terms()
         if ideal is None:
             text = "ideal speedup ? (step count unknown)"
-        elif self.strategy() in ("parastep", "batchstep") and terms is not None:
+        elif terms is not None and terms[2] > 1:
             steps, warmup, width = terms
-            n = "P" if self.strategy() == "batchstep" else "N"
+            source = (self._strategies.get(self.strategy(), {}).get("ideal") or {}).get("width_from")
+            n = "N" if source == "ranks" else "P"
             text = f"ideal speedup {ideal:.2f}×  (T={steps}, W={warmup}, {n}={width})"
         else:
             text = f"ideal speedup {ideal:.2f}×"

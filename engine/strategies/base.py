@@ -101,7 +101,61 @@ class Strategy:
     options: tuple[StrategyOption, ...] = ()
     min_devices = 1
     max_devices: int | None = 1  # None: any number
+    device_multiple = 1  # the device count must be a multiple of this (e.g. CFG pairs)
     one_call_per_step = True  # the step index must advance exactly once per denoiser call
+    # Ideal loop speedup, factor * T / (W + ceil((T - W) / width)), described as data so that the
+    # window (which cannot import this module) computes it too: width is the rank count divided by
+    # `ranks_per_width` ("ranks"), an option's value (e.g. "lookahead") or 1 (""); W is the
+    # "warmup" option (0 without one); `rounds` marks strategies whose steps go in rounds of width.
+    width_from = ""
+    ranks_per_width = 1
+    speedup_factor = 1
+    rounds = False
+
+    @classmethod
+    def parallel_width(cls, options: dict[str, Any], ranks: int) -> int:
+        if cls.width_from == "ranks":
+            return max(1, ranks // cls.ranks_per_width)
+        if cls.width_from:
+            return int(options.get(cls.width_from, 1))
+        return 1
+
+    @classmethod
+    def ideal_speedup(cls, steps: int, options: dict[str, Any], ranks: int) -> float:
+        width = cls.parallel_width(options, ranks)
+        loop = ideal_speedup(steps, int(options.get("warmup", 0) or 0), width) if width > 1 else 1.0
+        return cls.speedup_factor * loop
+
+    @classmethod
+    def unavailable_reason(cls, entry: Any) -> str | None:
+        """Why this strategy cannot run this model at all (None: it can); reads config files only,
+        so the catalog can tell the window before anything is loaded."""
+        return None
+
+    @classmethod
+    def check_request(cls, request: Any, adapter: Any, ranks: int) -> None:
+        """Raises UserError when this resolved request cannot run under the strategy on `ranks`."""
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What the CLI and the window show, and what the window needs for the ideal speedup."""
+        return {
+            "name": cls.name,
+            "description": cls.description,
+            "min_devices": cls.min_devices,
+            "max_devices": cls.max_devices,
+            "device_multiple": cls.device_multiple,
+            "options": [
+                {"name": o.name, "help": o.help, "default": o.default, "minimum": o.minimum}
+                for o in cls.options
+            ],
+            "ideal": {
+                "width_from": cls.width_from,
+                "ranks_per_width": cls.ranks_per_width,
+                "factor": cls.speedup_factor,
+                "rounds": cls.rounds,
+            },
+        }
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
@@ -253,5 +307,8 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
 
 def ideal_speedup(total_steps: int, warmup: int, width: int) -> float:
     """Loop speedup if only the exact-step calls cost time: T / (W + ceil((T - W) / N))."""
+    if total_steps <= 0:
+        return 1.0
+    warmup = min(max(warmup, 0), total_steps)
     rounds = -(-(total_steps - warmup) // width) if total_steps > warmup else 0
     return total_steps / (warmup + rounds)

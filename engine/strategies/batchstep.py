@@ -29,6 +29,8 @@ class BatchStepStrategy(Strategy):
     )
     min_devices = 1
     max_devices = 1
+    width_from = "lookahead"
+    rounds = True
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)

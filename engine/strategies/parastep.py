@@ -28,6 +28,8 @@ class ParaStepStrategy(Strategy):
     options = (StrategyOption("warmup", "Sequential warm-up steps before the parallel rounds.", None, 0),)
     min_devices = 1
     max_devices = None
+    width_from = "ranks"
+    rounds = True
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)

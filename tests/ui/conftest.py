@@ -18,7 +18,8 @@ os.environ.setdefault("QT_LOGGING_RULES", "qt.multimedia.*=false")
 import pytest  # noqa: E402
 from PySide6.QtCore import QSettings  # noqa: E402
 
-from engine.catalog import ModelCatalog  # noqa: E402
+from engine.catalog import ModelCatalog
+from engine.strategies import STRATEGIES  # noqa: E402
 from tests.conftest import KEPT_PROCESSES  # noqa: E402
 
 
@@ -94,32 +95,7 @@ def catalog() -> dict:
     return {
         "type": "catalog",
         "models": [entry.to_dict() for entry in ModelCatalog().entries()],
-        "strategies": [
-            {
-                "name": "sequential",
-                "description": "the stock loop",
-                "min_devices": 1,
-                "max_devices": 1,
-                "options": [],
-            },
-            {
-                "name": "parastep",
-                "description": "step-parallel",
-                "min_devices": 1,
-                "max_devices": None,
-                "options": [{"name": "warmup", "help": "warm-up steps", "default": None, "minimum": 0}],
-            },
-            {
-                "name": "batchstep",
-                "description": "ParaStep on one device",
-                "min_devices": 1,
-                "max_devices": 1,
-                "options": [
-                    {"name": "warmup", "help": "warm-up steps", "default": None, "minimum": 0},
-                    {"name": "lookahead", "help": "latents per call", "default": 2, "minimum": 1},
-                ],
-            },
-        ],
+        "strategies": [{**cls.describe(), "unavailable": {}} for cls in STRATEGIES.values()],
         "devices": [
             {"id": "cpu", "kind": "cpu", "name": "test CPU", "memory_total": None, "memory_free": None}
         ],
