@@ -26,13 +26,25 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int)
     parser.add_argument("--fps", type=int)
     parser.add_argument("--seconds", type=float, help="audio length")
-    parser.add_argument("--warmup", type=int, help="warm-up steps (parastep, batchstep)")
-    parser.add_argument("--lookahead", type=int, help="latents per batched call (batchstep)")
+    for name, (help_text, owners) in strategy_options().items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, dest=name, help=f"{help_text} ({', '.join(owners)})")
     parser.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1,...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--output", help="clip file (.mp4 .gif .wav .flac) or folder")
     parser.add_argument("--no-previews", action="store_true", help="do not render x0 previews")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def strategy_options() -> dict[str, tuple[str, list[str]]]:
+    """Every strategy option: name -> (help, the strategies that take it); one flag each."""
+    from engine.strategies import STRATEGIES
+
+    options: dict[str, tuple[str, list[str]]] = {}
+    for cls in STRATEGIES.values():
+        for option in cls.options:
+            options.setdefault(option.name, (option.help, []))[1].append(cls.name)
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def request_from_args(args: argparse.Namespace, strategy: str = "sequential") -> GenerationRequest:
     options = {
-        name: getattr(args, name) for name in ("warmup", "lookahead") if getattr(args, name) is not None
+        name: getattr(args, name) for name in strategy_options() if getattr(args, name, None) is not None
     }
     return GenerationRequest(
         model=args.model,
