@@ -108,6 +108,7 @@ class StrategyPicker(QWidget):
             self.strategy_box.setItemData(last, info.get("description", ""), Qt.ItemDataRole.ToolTipRole)
         self.strategy_box.blockSignals(False)
         self.set_value(*current)
+        self._mark_unavailable()
 
     def _build_device_controls(self) -> None:
         for box in self.gpu_checks:
@@ -208,9 +209,33 @@ class StrategyPicker(QWidget):
 
     # ---- reactions ----------------------------------------------------------------------------
     def set_context(self, steps: int | None, model: ModelInfo | None) -> None:
-        """The step count and model of the request, for the ideal speedup."""
+        """The step count and model of the request, for the ideal speedup and the strategies that
+        model can run."""
         self._steps, self._model = steps, model
+        self._mark_unavailable()
         self._update_speedup()
+
+    def unavailable_reason(self, strategy: str) -> str | None:
+        """Why the engine says `strategy` cannot run the current model (None: it can)."""
+        if self._model is None:
+            return None
+        return (self._strategies.get(strategy, {}).get("unavailable") or {}).get(self._model.name)
+
+    def _mark_unavailable(self) -> None:
+        """Greys out the strategies the current model cannot run, with the engine's reason."""
+        items = self.strategy_box.model()
+        for index in range(self.strategy_box.count()):
+            name = self.strategy_box.itemData(index)
+            reason = self.unavailable_reason(name)
+            item = items.item(index) if hasattr(items, "item") else None
+            if item is not None:
+                item.setEnabled(reason is None)
+            tip = self._strategies.get(name, {}).get("description", "")
+            self.strategy_box.setItemData(
+                index, f"Unavailable for this model: {reason}" if reason else tip, Qt.ItemDataRole.ToolTipRole
+            )
+        if self.unavailable_reason(self.strategy()) is not None:
+            self.strategy_box.setCurrentIndex(max(0, self.strategy_box.findData("sequential")))
 
     def _on_strategy_changed(self) -> None:
         self._rebuild_options()

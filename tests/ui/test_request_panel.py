@@ -196,3 +196,33 @@ def test_gpu_checkboxes(qtbot, gpu_catalog):
     # A one-device strategy keeps one GPU.
     picker.strategy_box.setCurrentIndex(picker.strategy_box.findData("sequential"))
     assert panel.request().devices == "cuda:0"
+
+
+def test_strategies_a_model_cannot_run_are_greyed_out_with_the_reason(qtbot, catalog):
+    catalog = dict(catalog)
+    halves = {
+        "name": "halves",
+        "description": "guidance halves on two devices",
+        "min_devices": 2,
+        "max_devices": 2,
+        "options": [],
+        "ideal": {"width_from": "", "factor": 2, "rounds": False},
+        "unavailable": {"tiny-svd": "its UNet has no guidance halves"},
+    }
+    catalog["strategies"] = [*catalog["strategies"], halves]
+    panel = RequestPanel()
+    qtbot.addWidget(panel)
+    panel.set_catalog(catalog)
+    picker = panel.strategy_picker
+    panel.select_model("tiny-cogvideox")
+    picker.set_value("halves", {}, "cpu:2")
+    assert picker.strategy() == "halves"
+    assert picker.speedup_label.text() == "ideal speedup 2.00×"  # factor 2, no rounds
+    panel.select_model("tiny-svd")
+    index = picker.strategy_box.findData("halves")
+    assert not picker.strategy_box.model().item(index).isEnabled()
+    tip = picker.strategy_box.itemData(index, Qt.ItemDataRole.ToolTipRole)
+    assert "its UNet has no guidance halves" in tip
+    assert picker.strategy() == "sequential"  # moved off the strategy it cannot run
+    panel.select_model("tiny-cogvideox")
+    assert picker.strategy_box.model().item(index).isEnabled()
