@@ -1,8 +1,11 @@
 """Cheap previews of the denoised estimate x0: a linear latent-to-RGB (or -to-mel) map.
 
 The map (a C x K matrix and a bias) is fitted once per model by least squares against a VAE
-decode of a small part of the first x0 it sees, then cached in the user's cache folder. Models may
-ship their own `preview_factors.json`. Previews are throttled, small, and made on rank 0 only.
+decode of a small part of an x0, then cached in the user's cache folder. Models may ship their own
+`preview_factors.json`. Previews are throttled, small, and made on rank 0 only. A single rank fits
+on the first x0 it sees; with peers it fits after the job from the final latents instead, since a
+VAE decode inside the loop would keep every other rank waiting on rank 0 (a real model's decode on
+a CPU can approach the collective timeout). That run has no previews; the next ones do.
 """
 
 from __future__ import annotations
@@ -42,9 +45,12 @@ def fit_factors(latents: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
 class PreviewRenderer:
     """Turns x0 into PNG images; fits and caches the linear map on first use."""
 
-    def __init__(self, adapter: Any, pipe: Any, request: Any, model_path: Path) -> None:
+    def __init__(
+        self, adapter: Any, pipe: Any, request: Any, model_path: Path, fit_in_loop: bool = True
+    ) -> None:
         self.adapter, self.pipe, self.request = adapter, pipe, request
         self.model_path = model_path
+        self.fit_in_loop = fit_in_loop
         self.factors: dict[str, Any] | None = None
         self.last = 0.0
 
@@ -55,10 +61,14 @@ class PreviewRenderer:
             return True
         return False
 
-    def render(self, x0: torch.Tensor) -> tuple[list[bytes], list[int]]:
+    def render(self, x0: torch.Tensor) -> tuple[list[bytes], list[int]] | None:
+        """PNG previews of x0 and their output frame indices; None while no map is known and
+        fitting one now would hold up peers."""
+        factors = self._factors(x0 if self.fit_in_loop else None)
+        if factors is None:
+            return None
         images, indices = self.adapter.preview_images(x0.detach())
         images = images.float().cpu()  # [N, C, h, w]
-        factors = self._factors(x0)
         weights = torch.tensor(factors["weights"], dtype=torch.float32)
         bias = torch.tensor(factors["bias"], dtype=torch.float32)
         low, high = factors["range"]
@@ -66,7 +76,12 @@ class PreviewRenderer:
         mapped = ((mapped - low) / (high - low)).clamp(0, 1)
         return [_png(frame) for frame in mapped.numpy()], indices
 
-    def _factors(self, x0: torch.Tensor) -> dict[str, Any]:
+    def learn(self, latents: torch.Tensor) -> None:
+        """After a job: fits and caches the map from its final latents if none is known yet."""
+        self._factors(latents)
+
+    def _factors(self, x0: torch.Tensor | None) -> dict[str, Any] | None:
+        """The shipped or cached map; else one fitted on `x0` and cached (None without x0)."""
         if self.factors is None:
             shipped = self.model_path / FACTORS_FILE
             cached = cache_dir() / f"{_key(self.model_path)}.json"
@@ -75,6 +90,8 @@ class PreviewRenderer:
                     self.factors = json.loads(file.read_text())
                     break
             else:
+                if x0 is None:
+                    return None
                 self.factors = self.fit(x0)
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(self.factors))
