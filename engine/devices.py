@@ -46,8 +46,14 @@ def inventory() -> list[DeviceInfo]:
 
     devices = []
     for index in range(cuda_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        devices.append(DeviceInfo(f"cuda:{index}", "cuda", torch.cuda.get_device_name(index), total, free))
+        # Device properties, not mem_get_info: that would create a CUDA context (hundreds of MB on
+        # every GPU) in the engine process, which never computes. Free memory comes from NVML.
+        properties = torch.cuda.get_device_properties(index)
+        devices.append(
+            DeviceInfo(
+                f"cuda:{index}", "cuda", properties.name, properties.total_memory, _nvml_free_memory(index)
+            )
+        )
     try:
         import psutil  # optional: exact free memory
 
@@ -112,3 +118,21 @@ def format_devices(devices: list[str]) -> str:
     if all(d == "cpu" for d in devices):
         return f"cpu:{len(devices)}"
     return "cuda:" + ",".join(d.split(":")[1] for d in devices)
+
+
+def _nvml_free_memory(index: int) -> int | None:
+    """Free memory of the index-th visible GPU from NVML (nvidia-ml-py), or None without it."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    try:
+        physical = int(visible.split(",")[index]) if visible else index
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(physical)).free)
+        finally:
+            pynvml.nvmlShutdown()
+    except (ValueError, IndexError, pynvml.NVMLError):  # e.g. GPU UUIDs in CUDA_VISIBLE_DEVICES
+        return None
