@@ -93,3 +93,35 @@ def test_only_the_sequential_strategy_allows_two_denoiser_calls_per_step():
     two_calls_then_step("sequential")
     with pytest.raises(UserError, match="more than once per step"):
         two_calls_then_step("parastep")
+
+
+def test_a_pipeline_that_trims_its_schedule_is_refused_by_step_parallel_strategies():
+    """An img2img-like loop running fewer steps than asked would desynchronise the rounds."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from engine.errors import UserError
+    from engine.strategies import STRATEGIES
+    from engine.strategies.base import JobContext
+
+    def run(strategy_name: str, loop_steps: int) -> None:
+        class Pipe:
+            unet = torch.nn.Linear(2, 2)
+            scheduler = DDIMScheduler()
+
+        pipe = Pipe()
+        pipe.scheduler.set_timesteps(loop_steps)
+        ctx = JobContext(
+            rank=0, world_size=1, device=torch.device("cpu"), total_steps=4, options={"warmup": 1}, pipe=pipe
+        )
+        strategy = STRATEGIES[strategy_name](ctx)
+        strategy.install(pipe)
+        try:
+            pipe.unet(torch.zeros(1, 2))
+        finally:
+            strategy.uninstall()
+
+    run("parastep", 4)
+    run("sequential", 3)  # the stock loop does what the pipeline does
+    with pytest.raises(UserError, match="runs 3 steps where 4 were asked"):
+        run("parastep", 3)

@@ -84,6 +84,16 @@ class _DenoiserHook(ModelHook):
 
 
 @dataclass(frozen=True)
+class Peers:
+    """Ranks that exchange tensors: their torch.distributed group (None: the world group), this
+    rank's index among them and their count. Ranks named to send/recv/broadcast are group indices."""
+
+    group: Any
+    rank: int
+    size: int
+
+
+@dataclass(frozen=True)
 class StrategyOption:
     """An option a strategy takes; the CLI and the window build their controls from these."""
 
@@ -160,6 +170,8 @@ class Strategy:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
         self.counters = RankCounters(rank=ctx.rank)
+        self.world = Peers(ctx.group, ctx.rank, ctx.world_size)
+        self.peers = self.world  # whom send/recv/broadcast talk to unless told otherwise
         self.step = 0
         self.latent: torch.Tensor | None = None  # latest latent returned by scheduler.step
         self.last_step_kwargs: dict[str, Any] = {}
@@ -205,8 +217,21 @@ class Strategy:
         self._called_this_step = True
         if not self._timed_first:
             self._timed_first = True
+            self._check_step_count()
             self.ctx.on_first_denoise()
         return self.denoise(forward, args, kwargs)
+
+    def _check_step_count(self) -> None:
+        """Round arithmetic assumes the loop runs the requested step count; a pipeline that trims
+        its schedule (e.g. an img2img `strength`) would desynchronise the ranks' rounds."""
+        timesteps = getattr(getattr(self.ctx.pipe, "scheduler", None), "timesteps", None)
+        if not self.one_call_per_step or timesteps is None or len(timesteps) == self.ctx.total_steps:
+            return
+        raise UserError(
+            f"The pipeline runs {len(timesteps)} steps where {self.ctx.total_steps} were asked (it trims "
+            "its schedule, e.g. by an img2img strength); step-parallel strategies need every step.",
+            "Use the sequential strategy for this pipeline.",
+        )
 
     def _scheduler_step(self, original_step: Callable, args: tuple, kwargs: dict) -> Any:
         want_dict = kwargs.pop("return_dict", True)
@@ -254,10 +279,11 @@ class Strategy:
         self.counters.comm_wait_s += elapsed
         self._step_wait += elapsed
 
-    def send(self, tensor: torch.Tensor, dst: int) -> dist.Work:
+    def send(self, tensor: torch.Tensor, dst: int, peers: Peers | None = None) -> dist.Work:
         """Starts a point-to-point send; the caller waits on the returned work."""
+        peers = peers or self.peers
         self.counters.bytes_sent += tensor.numel() * tensor.element_size()
-        return dist.isend(tensor.contiguous(), dst=dst, group=self.ctx.group)
+        return dist.isend(tensor.contiguous(), group=peers.group, group_dst=dst)
 
     def wait(self, work: dist.Work | None) -> None:
         if work is not None:
@@ -265,32 +291,38 @@ class Strategy:
             work.wait()
             self._waited(start)
 
-    def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
+    def recv(self, like: torch.Tensor, src: int, peers: Peers | None = None) -> torch.Tensor:
+        peers = peers or self.peers
         buffer = torch.empty_like(like)
         start = time.perf_counter()
-        dist.recv(buffer, src=src, group=self.ctx.group)
+        dist.recv(buffer, group=peers.group, group_src=src)
         self._waited(start)
         self.counters.bytes_received += buffer.numel() * buffer.element_size()
         return buffer
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, peers: Peers | None = None) -> None:
         """In-place broadcast from `src`; the root counts one copy sent per receiver."""
+        peers = peers or self.peers
         nbytes = tensor.numel() * tensor.element_size()
         start = time.perf_counter()
-        dist.broadcast(tensor, src=src, group=self.ctx.group)
+        dist.broadcast(tensor, group=peers.group, group_src=src)
         self._waited(start)
-        if self.ctx.rank == src:
-            self.counters.bytes_sent += nbytes * (self.ctx.world_size - 1)
+        if peers.rank == src:
+            self.counters.bytes_sent += nbytes * (peers.size - 1)
         else:
             self.counters.bytes_received += nbytes
 
-    def agree_on_cancel(self) -> None:
-        """Rank 0 decides whether the user cancelled and tells every rank, so all stop together."""
+    def agree_on_cancel(self, decision: bool = False) -> bool:
+        """World rank 0 decides whether the user cancelled and tells every rank, so all stop together.
+
+        The same byte carries one more yes/no decision of rank 0's (`decision`), returned on every rank.
+        """
         cancelled = self.ctx.rank == 0 and self.ctx.cancel_requested()
-        flag = torch.tensor([int(cancelled)], dtype=torch.uint8, device=self.ctx.device)
-        self.broadcast(flag)
-        if flag.item():
+        flag = torch.tensor([int(cancelled) | int(decision) << 1], dtype=torch.uint8, device=self.ctx.device)
+        self.broadcast(flag, peers=self.world)
+        if flag.item() & 1:
             raise JobCancelled()
+        return bool(flag.item() & 2)
 
 
 def denoiser_of(pipe: Any) -> torch.nn.Module:
