@@ -92,6 +92,7 @@ class Engine:
             _check_scheduler(strategy.name, entry)
         options = self._resolve_options(strategy, resolved, adapter, len(devices))
         strategy.check_request(dataclasses.replace(resolved, strategy_options=options), adapter, len(devices))
+        strategy.check_model_request(dataclasses.replace(resolved, strategy_options=options), entry, len(devices))
         resolved = dataclasses.replace(
             resolved, strategy_options=options, devices=format_devices(devices), model=request.model
         )
@@ -114,11 +115,14 @@ class Engine:
             value = given.get(name, option.default)
             if value is None and name == "warmup":
                 value = adapter.default_warmup(request.steps)
-            if isinstance(value, bool) or not isinstance(value, int) or value < option.minimum:
+            too_big = option.maximum is not None and isinstance(value, int) and value > option.maximum
+            if isinstance(value, bool) or not isinstance(value, int) or value < option.minimum or too_big:
+                bounds = f">= {option.minimum}"
+                if option.maximum is not None:
+                    bounds = f"from {option.minimum} to {option.maximum}"
                 raise UserError(
-                    f"Option '{name}' of '{strategy.name}' is {value!r}; it must be a whole number "
-                    f">= {option.minimum}.",
-                    f"Set --{name} to a valid value.",
+                    f"Option '{name}' of '{strategy.name}' is {value!r}; it must be a whole number {bounds}.",
+                    f"Set --{name.replace('_', '-')} to a valid value.",
                 )
             options[name] = value
         warmup = options.get("warmup")

@@ -44,6 +44,28 @@ def parse_device_spec(spec: str) -> tuple[str, list[int]] | None:
     return None
 
 
+class OnOffBox(QCheckBox):
+    """A 0/1 strategy option as a check box, with the spin box's value interface."""
+
+    valueChanged = Signal(int)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.toggled.connect(lambda on: self.valueChanged.emit(int(on)))
+
+    def value(self) -> int:
+        return int(self.isChecked())
+
+    def setValue(self, value: int) -> None:  # noqa: N802 (Qt naming, as QSpinBox)
+        self.setChecked(bool(value))
+
+    def specialValueText(self) -> str:  # noqa: N802
+        return ""
+
+    def minimum(self) -> int:
+        return 0
+
+
 class StrategyPicker(QWidget):
     changed = Signal()
 
@@ -51,7 +73,7 @@ class StrategyPicker(QWidget):
         super().__init__(parent)
         self._strategies: dict[str, dict[str, Any]] = {}
         self._gpus: list[dict[str, Any]] = []
-        self._option_boxes: dict[str, QSpinBox] = {}
+        self._option_boxes: dict[str, QSpinBox | OnOffBox] = {}
         self._device_override: str | None = None  # a restored spec this machine cannot show
         self._devices_chosen = False  # set by a restored request or the user; else "auto" applies
         self._steps: int | None = None
@@ -132,11 +154,14 @@ class StrategyPicker(QWidget):
         return self.strategy_box.currentData() or "sequential"
 
     def options(self) -> dict[str, int]:
-        """Options the user set; those left on "auto" are omitted (the engine picks them)."""
+        """Options the user set; those left on "auto" or at their default are omitted (the engine
+        fills them in), so a restored request comes back as it was."""
+        described = {o["name"]: o for o in self._strategies.get(self.strategy(), {}).get("options", [])}
         return {
             name: box.value()
             for name, box in self._option_boxes.items()
             if not (box.specialValueText() and box.value() == box.minimum())
+            and box.value() != described.get(name, {}).get("default")
         }
 
     def devices(self) -> str:
@@ -250,16 +275,22 @@ class StrategyPicker(QWidget):
         info = self._strategies.get(self.strategy(), {})
         self.strategy_box.setToolTip(info.get("description", ""))
         for option in info.get("options", []):
-            box = QSpinBox()
             minimum = int(option.get("minimum", 0))
+            maximum = option.get("maximum")
+            maximum = 1000 if maximum is None else int(maximum)
             default = option.get("default")
-            if default is None:
-                box.setRange(minimum - 1, 1000)
-                box.setSpecialValueText(AUTO)  # shown at minimum - 1: the engine picks per model
-                box.setValue(minimum - 1)
-            else:
-                box.setRange(minimum, 1000)
+            if (minimum, maximum) == (0, 1) and default is not None:
+                box: QSpinBox | OnOffBox = OnOffBox()
                 box.setValue(int(default))
+            else:
+                box = QSpinBox()
+                if default is None:
+                    box.setRange(minimum - 1, maximum)
+                    box.setSpecialValueText(AUTO)  # shown at minimum - 1: the engine picks per model
+                    box.setValue(minimum - 1)
+                else:
+                    box.setRange(minimum, maximum)
+                    box.setValue(int(default))
             box.setToolTip(option.get("help", ""))
             box.valueChanged.connect(self._on_option_changed)
             self.options_form.addRow(option["name"].replace("_", " ").capitalize(), box)

@@ -101,6 +101,7 @@ class StrategyOption:
     help: str
     default: int | None = None  # None: chosen per model family (e.g. the warm-up)
     minimum: int = 0
+    maximum: int | None = None  # 0..1 is an on/off switch (a check box in the window)
 
 
 class Strategy:
@@ -147,6 +148,10 @@ class Strategy:
         """Raises UserError when this resolved request cannot run under the strategy on `ranks`."""
 
     @classmethod
+    def check_model_request(cls, request: Any, entry: Any, ranks: int) -> None:
+        """As check_request, for checks that read the model's config files (e.g. latent sizes)."""
+
+    @classmethod
     def describe(cls) -> dict[str, Any]:
         """What the CLI and the window show, and what the window needs for the ideal speedup."""
         return {
@@ -156,7 +161,13 @@ class Strategy:
             "max_devices": cls.max_devices,
             "device_multiple": cls.device_multiple,
             "options": [
-                {"name": o.name, "help": o.help, "default": o.default, "minimum": o.minimum}
+                {
+                    "name": o.name,
+                    "help": o.help,
+                    "default": o.default,
+                    "minimum": o.minimum,
+                    "maximum": o.maximum,
+                }
                 for o in cls.options
             ],
             "ideal": {

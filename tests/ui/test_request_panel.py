@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QCheckBox
 
 from engine.protocol import GenerationRequest
 from ui.request_panel import RequestPanel
@@ -205,7 +206,10 @@ def test_strategies_a_model_cannot_run_are_greyed_out_with_the_reason(qtbot, cat
         "description": "guidance halves on two devices",
         "min_devices": 2,
         "max_devices": 2,
-        "options": [],
+        "options": [
+            {"name": "fresh", "help": "on/off", "default": 0, "minimum": 0, "maximum": 1},
+            {"name": "portion", "help": "percent", "default": 50, "minimum": 1, "maximum": 100},
+        ],
         "ideal": {"width_from": "", "factor": 2, "rounds": False},
         "unavailable": {"tiny-svd": "its UNet has no guidance halves"},
     }
@@ -218,6 +222,11 @@ def test_strategies_a_model_cannot_run_are_greyed_out_with_the_reason(qtbot, cat
     picker.set_value("halves", {}, "cpu:2")
     assert picker.strategy() == "halves"
     assert picker.speedup_label.text() == "ideal speedup 2.00×"  # factor 2, no rounds
+    fresh, portion = picker._option_boxes["fresh"], picker._option_boxes["portion"]
+    assert isinstance(fresh, QCheckBox) and not fresh.isChecked()  # a 0..1 option is a switch
+    fresh.setChecked(True)
+    portion.setValue(250)  # clamped to the option's maximum
+    assert picker.options() == {"fresh": 1, "portion": 100}
     panel.select_model("tiny-svd")
     index = picker.strategy_box.findData("halves")
     assert not picker.strategy_box.model().item(index).isEnabled()
