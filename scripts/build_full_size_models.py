@@ -107,7 +107,7 @@ MODELS: dict[str, ModelSpec] = {
             "unet": {
                 "block_out_channels": [32, 64, 64, 64],
                 "layers_per_block": 1,
-                "cross_attention_dim": [[None, 64, 64]] * 4,  # [self, GPT-2 width, T5 width]
+                "cross_attention_dim": [[None, 64, 64, None]] * 4,  # [self, GPT-2 width, T5 width, self]
             },
             "vae": {"block_out_channels": [32, 32, 32], "layers_per_block": 1},
             "vocoder": {"upsample_initial_channel": 32},
@@ -142,7 +142,7 @@ _CONFIG_ONLY = ("Scheduler", "ImageProcessor", "FeatureExtractor")
 _CLASS_FIXES = {("language_model", "GPT2Model"): "GPT2LMHeadModel"}
 
 
-# --- configs ---------------------------------------------------------------------------------------------
+# --- configs --------------------------------------------------------------------------------------
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def model_index(spec: ModelSpec) -> dict[str, Any]:
     return index
 
 
-# --- random weights ----------------------------------------------------------------------------------------
+# --- random weights -------------------------------------------------------------------------------
 
 
 def fill_random_(tensor: Any, name: str, generator: Any) -> None:
@@ -253,10 +253,14 @@ def build_weighted(library: str, class_name: str, config: dict[str, Any], dtype:
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config)
     materialize_(model, dtype, device, SEED)
+    if hasattr(
+        model, "tie_weights"
+    ):  # transformers ties embeddings after init (T5 shared/encoder, GPT-2 head)
+        model.tie_weights()
     return model.eval()
 
 
-# --- tokenizers ------------------------------------------------------------------------------------------
+# --- tokenizers -----------------------------------------------------------------------------------
 
 
 def _words() -> list[str]:
@@ -309,7 +313,7 @@ TOKENIZERS = {  # (model, component) -> builder; model_max_length as the publish
 }
 
 
-# --- one pipeline ------------------------------------------------------------------------------------------
+# --- one pipeline ---------------------------------------------------------------------------------
 
 
 def resolve_dtype(name: str, spec: ModelSpec) -> Any:
@@ -362,7 +366,7 @@ def build_pipeline_folder(
     return summary
 
 
-# --- the Hugging Face cache layout -----------------------------------------------------------------------
+# --- the Hugging Face cache layout ----------------------------------------------------------------
 
 
 def snapshot_hash(repo_id: str, reduced: bool) -> str:

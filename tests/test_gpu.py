@@ -53,3 +53,86 @@ def test_parastep_across_gpus_matches_batchstep(engine):
     )
     np.testing.assert_allclose(para.latents, batch.latents, rtol=1e-3, atol=1e-4)
     assert para.ranks[1]["bytes_sent"] > 0
+
+
+# ---- the published model shapes (scripts/build_full_size_models.py), loaded as downloads ---------------
+
+FULL_SIZE_CACHE_ENV = "PARASTEP_FULL_SIZE_CACHE"  # a HF cache holding the full-size builds (gpu_checks.sh)
+PUBLISHED = {  # hub name -> (builder name, dtype, published request size)
+    "THUDM/CogVideoX-2b": (
+        "cogvideox-2b",
+        "bf16",
+        dict(prompt="a red panda", frames=49, height=480, width=720),
+    ),
+    "stabilityai/stable-video-diffusion-img2vid": ("svd", "fp16", dict(frames=14, height=576, width=1024)),
+    "cvssp/audioldm2-large": ("audioldm2-large", "fp16", dict(prompt="a dog barking", seconds=10.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def conditioning_image(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("image") / "image.png"
+    Image.new("RGB", (1024, 576), (200, 120, 40)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reduced_hub(tmp_path_factory):
+    """The --reduced builds in a HF cache layout: the full-size code path, small weights, made on the GPU."""
+    import sys
+    from pathlib import Path
+
+    if gpus() == 0:
+        pytest.fail("the gpu marker was selected on a machine without a CUDA GPU")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import build_full_size_models
+
+    out = tmp_path_factory.mktemp("hub")
+    names = [name for name, _, _ in PUBLISHED.values()]
+    build_full_size_models.main(
+        [*names, "--reduced", "--layout", "hf-cache", "--out", str(out), "--device", "cuda"]
+    )
+    return str(out)
+
+
+def published_request(model: str, image: str, **changes) -> GenerationRequest:
+    _, _, size = PUBLISHED[model]
+    fields = {**size, "image": image if "svd" in model else None, "seed": 2, **changes}
+    return GenerationRequest(model=model, **fields)
+
+
+@pytest.mark.parametrize("model", list(PUBLISHED))
+def test_published_shapes_parastep_equals_sequential_on_one_gpu(
+    model, reduced_hub, conditioning_image, monkeypatch
+):
+    import dataclasses
+
+    monkeypatch.setenv("HF_HUB_CACHE", reduced_hub)
+    request = published_request(model, conditioning_image, steps=4, devices="cuda:0")
+    with Engine(dtype=PUBLISHED[model][1]) as engine:
+        plan = engine.plan(request)
+        assert plan.entry.source == "hf-cache"
+        seq = engine.run(plan, previews=False)
+        para = engine.run(engine.plan(dataclasses.replace(request, strategy="parastep")), previews=False)
+    assert np.isfinite(seq.latents).all()
+    assert np.array_equal(seq.latents, para.latents)
+
+
+@pytest.mark.parametrize("model", list(PUBLISHED))
+def test_full_size_checkpoint_runs_through_the_catalog_on_gpu(model, conditioning_image, monkeypatch):
+    import os
+
+    cache = os.environ.get(FULL_SIZE_CACHE_ENV)
+    if not cache:
+        pytest.skip(
+            f"set {FULL_SIZE_CACHE_ENV} to a HF cache with the full-size builds (scripts/gpu_checks.sh)"
+        )
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    with Engine(dtype=PUBLISHED[model][1]) as engine:
+        plan = engine.plan(published_request(model, conditioning_image, steps=2, devices="cuda:0"))
+        assert plan.entry.source == "hf-cache" and plan.entry.name == model
+        result = engine.run(plan, previews=True)
+    assert np.isfinite(result.latents).all()
+    assert result.output.size > 0
