@@ -3,11 +3,20 @@
 from engine.errors import UserError
 from engine.strategies.base import Strategy, StrategyOption, ideal_speedup
 from engine.strategies.batchstep import BatchStepStrategy
+from engine.strategies.caches import CACHE_STRATEGIES
+from engine.strategies.context_parallel import ContextParallelStrategy
 from engine.strategies.parastep import ParaStepStrategy
 from engine.strategies.sequential import SequentialStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (SequentialStrategy, ParaStepStrategy, BatchStepStrategy)
+    cls.name: cls
+    for cls in (
+        SequentialStrategy,
+        ParaStepStrategy,
+        BatchStepStrategy,
+        *CACHE_STRATEGIES,
+        ContextParallelStrategy,
+    )
 }
 
 

@@ -1,0 +1,59 @@
+"""What a model's denoiser is, from its config file alone: the class, and an empty skeleton of it.
+
+Strategies that rely on what diffusers supports for a denoiser class (caches, context parallelism)
+answer `unavailable_reason` from these, before any weights are loaded. The skeleton is built on
+PyTorch's meta device: the module tree of the real model, with no memory behind its tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DENOISER_COMPONENTS = ("transformer", "unet")
+
+
+def denoiser_class_name(path: Path) -> str | None:
+    """`_class_name` of the pipeline's transformer, else its UNet (None when neither config exists)."""
+    for component in DENOISER_COMPONENTS:
+        config = Path(path) / component / "config.json"
+        if config.is_file():
+            try:
+                return json.loads(config.read_text()).get("_class_name")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def denoiser_class(path: Path) -> type | None:
+    """The diffusers class of the denoiser, or None when this diffusers does not know it."""
+    import diffusers
+
+    name = denoiser_class_name(path)
+    return getattr(diffusers, name, None) if name else None
+
+
+def denoiser_skeleton(path: Path) -> Any | None:
+    """A meta-device instance of the denoiser built from its config (None if it cannot be built)."""
+    import torch
+
+    cls = denoiser_class(path)
+    for component in DENOISER_COMPONENTS:
+        config = Path(path) / component / "config.json"
+        if cls is not None and config.is_file():
+            try:
+                with torch.device("meta"):
+                    return cls.from_config(json.loads(config.read_text()))
+            except Exception:  # a constructor that computes on its tensors cannot run on meta
+                return None
+    return None
+
+
+def config_stamp(path: Path) -> tuple[str, float]:
+    """A cache key that changes when the denoiser's config file does."""
+    for component in DENOISER_COMPONENTS:
+        config = Path(path) / component / "config.json"
+        if config.is_file():
+            return str(config.resolve()), config.stat().st_mtime
+    return str(path), 0.0
