@@ -1,0 +1,513 @@
+"""Train the embedded ``tones`` text-to-audio model (AudioLDM2 architecture) on sounds synthesised here.
+
+    nice -n 19 .venv/bin/python scripts/train_tones.py all > build/tones_train.log 2>&1
+
+Stages, each saving into ``--work`` (default build/tones_train) so that they can run separately:
+
+* ``vocoder``: a SpeechT5HifiGan trained with log-mel L1 and multi-resolution STFT losses (no discriminator);
+* ``vae``: the mel AutoencoderKL (4x compression in time and frequency, as AudioLDM2's);
+* ``unet``: the AudioLDM2UNet2DConditionModel (epsilon prediction, 10% dropped prompts for guidance) on the
+  VAE's latents, conditioned on the frozen random text side's embeddings, computed once per prompt with the
+  pipeline's own ``encode_prompt`` (so training sees exactly the tensors inference feeds);
+* ``assemble``: the AudioLDM2Pipeline saved (safetensors) to resources/models/tones with studio.json and
+  preview_factors.json, and the loss curves drawn to docs/tones_training.png.
+
+The text side (CLAP text encoder, Flan-T5-style encoder, GPT-2, projection) stays frozen at its seeded random
+initialisation; its tokenizers are word-level over the grammar's vocabulary, so every word of a prompt is one
+token with its own embedding. Everything is seeded (SEED), so a rerun gives the same model on the same
+machine. Threads default to 1: on a shared 2-core machine one thread per process ran the UNet step 4x faster
+than two (OpenMP threads stall when descheduled); ``vocoder`` and ``vae`` then ``unet`` can run as two
+processes side by side (``all`` runs them in turn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from resources import tones_data as td  # noqa: E402
+
+SEED = 0
+CLIPS: list[int] = []  # clips per prompt, from the command line
+TEXT_DIM = 32
+DEFAULTS = {"steps": 20, "seconds": td.CLIP_SECONDS, "guidance_scale": 3.0}
+VOCODER_RATES = [5, 4, 4, 2]  # product = td.HOP
+FRAMES = int(td.CLIP_SECONDS * td.SAMPLE_RATE) // td.HOP
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- Data ---------------------------------------------------------------------------------------------------
+
+
+def dataset() -> tuple[torch.Tensor, torch.Tensor, list[td.Sound]]:
+    """All training clips [N, S], their log-mels [N, FRAMES, N_MELS] and the prompt index of each."""
+    sounds = td.grammar()
+    waves, labels = [], []
+    for index, sound in enumerate(sounds):
+        for k in range(CLIPS[-1]):
+            waves.append(td.synthesize(sound, seed=1000 * index + k))
+            labels.append(index)
+    wave = torch.tensor(np.stack(waves))
+    mels = torch.cat([td.log_mel(chunk) for chunk in wave.split(256)])
+    return wave, mels, torch.tensor(labels)
+
+
+# --- The text side (frozen) ---------------------------------------------------------------------------------
+
+
+def build_text_side() -> dict:
+    """Tokenizers over the grammar's words and seeded random CLAP / T5 / GPT-2 / projection models."""
+    from diffusers import AudioLDM2ProjectionModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        ClapAudioConfig,
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        ClapTextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        RobertaTokenizer,
+        T5Tokenizer,
+    )
+
+    from resources.build_tiny_models import FALLBACK_CHARS, build_t5_encoder
+
+    words = td.vocabulary()
+    # T5 (unigram): each word one piece, single characters as the fallback for other words.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + word, -2.0) for word in words]
+    pieces += [("\u2581", -3.0)] + [(char, -5.0) for char in FALLBACK_CHARS]
+    tokenizer_2 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=128)
+
+    # RoBERTa (byte-level BPE, as CLAP's) whose merges make each grammar word one token.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([" ".join(words)] * 4 + [" ".join(s.prompt for s in td.grammar())], trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tokenizer = RobertaTokenizer(vocab=trained["vocab"], merges=merges, model_max_length=512)
+
+    torch.manual_seed(SEED)
+    text_config = ClapTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * TEXT_DIM,
+        max_position_embeddings=514,
+        projection_dim=TEXT_DIM,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+    )
+    audio_config = ClapAudioConfig(
+        spec_size=256,
+        num_mel_bins=64,
+        patch_size=4,
+        patch_stride=4,
+        window_size=8,
+        patch_embeds_hidden_size=16,
+        hidden_size=32,
+        depths=[1, 1],
+        num_attention_heads=[2, 2],
+        intermediate_size=64,
+        projection_dim=TEXT_DIM,
+    )
+    text_encoder = ClapModel(
+        ClapConfig(
+            text_config=text_config.to_dict(), audio_config=audio_config.to_dict(), projection_dim=TEXT_DIM
+        )
+    )
+    feature_extractor = ClapFeatureExtractor(feature_size=64, sampling_rate=48000, truncation="rand_trunc")
+    text_encoder_2 = build_t5_encoder(len(tokenizer_2), TEXT_DIM)
+    torch.manual_seed(SEED)
+    projection_model = AudioLDM2ProjectionModel(
+        text_encoder_dim=TEXT_DIM, text_encoder_1_dim=TEXT_DIM, langauge_model_dim=TEXT_DIM
+    )
+    torch.manual_seed(SEED)
+    lm_config = GPT2Config(
+        vocab_size=64, n_positions=256, n_embd=TEXT_DIM, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    lm_config.max_new_tokens = 8
+    language_model = GPT2LMHeadModel(lm_config)
+    return {
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "projection_model": projection_model.eval(),
+        "language_model": language_model.eval(),
+        "feature_extractor": feature_extractor,
+    }
+
+
+def build_vocoder():
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    torch.manual_seed(SEED)
+    return SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=td.N_MELS,
+            sampling_rate=td.SAMPLE_RATE,
+            upsample_initial_channel=128,
+            upsample_rates=VOCODER_RATES,
+            upsample_kernel_sizes=[2 * r for r in VOCODER_RATES],
+            resblock_kernel_sizes=[3, 7],
+            resblock_dilation_sizes=[[1, 3], [1, 3]],
+            normalize_before=False,
+        )
+    )
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,  # 4x compression in time and frequency
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=8,
+        sample_size=FRAMES,
+    )
+
+
+def build_unet():
+    from diffusers import AudioLDM2UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    return AudioLDM2UNet2DConditionModel(
+        sample_size=FRAMES // 4,  # sets the pipeline's default audio_length_in_s
+        in_channels=8,
+        out_channels=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=([None, TEXT_DIM, TEXT_DIM],) * 3,  # self, GPT-2 states, T5 states
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0015,
+        beta_end=0.0195,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_pipeline(vocoder=None, vae=None, unet=None):
+    from diffusers import AudioLDM2Pipeline
+
+    return AudioLDM2Pipeline(
+        vae=vae or build_vae(),
+        unet=unet or build_unet(),
+        scheduler=build_scheduler(),
+        vocoder=vocoder or build_vocoder(),
+        **build_text_side(),
+    )
+
+
+# --- Losses -------------------------------------------------------------------------------------------------
+
+STFT_SIZES = ((256, 64), (512, 128), (1024, 256), (2048, 512))
+
+
+def stft_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Multi-resolution STFT loss: spectral convergence plus log-magnitude L1, averaged over resolutions.
+
+    The convergence term's norms run over the whole batch, plus one: a silent example (between beeps) would
+    otherwise divide by almost nothing, and its spikes threw training back."""
+    total = 0.0
+    for n_fft, hop in STFT_SIZES:
+        window = torch.hann_window(n_fft)
+        a = torch.stft(fake, n_fft, hop, n_fft, window, return_complex=True).abs() + 1e-7
+        b = torch.stft(real, n_fft, hop, n_fft, window, return_complex=True).abs() + 1e-7
+        total = total + torch.linalg.norm(a - b) / (torch.linalg.norm(b) + 1.0) + F.l1_loss(a.log(), b.log())
+    return total / len(STFT_SIZES)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# --- Stages -------------------------------------------------------------------------------------------------
+
+
+def train_vocoder(work: Path, steps: int) -> None:
+    wave, mels, _ = dataset()
+    vocoder = build_vocoder().train()
+    optimizer = torch.optim.AdamW(vocoder.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    generator = torch.Generator().manual_seed(SEED + 1)
+    segment, batch = 32, 8  # 32 frames = 0.64 s per example
+    losses, start = [], time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, 1e-3)
+        rows = torch.randint(0, len(wave), (batch,), generator=generator)
+        offsets = torch.randint(0, FRAMES - segment + 1, (batch,), generator=generator)
+        mel = torch.stack([mels[r, o : o + segment] for r, o in zip(rows, offsets, strict=True)])
+        real = torch.stack(
+            [wave[r, o * td.HOP : (o + segment) * td.HOP] for r, o in zip(rows, offsets, strict=True)]
+        )
+        fake = vocoder(mel)
+        mel_loss = F.l1_loss(td.log_mel(fake), td.log_mel(real))
+        loss = stft_loss(fake, real) + mel_loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vocoder.parameters(), 5.0)
+        optimizer.step()
+        losses.append([loss.item(), mel_loss.item()])
+        if step % 250 == 249:  # a checkpoint to fall back on
+            vocoder.save_pretrained(work / "vocoder", safe_serialization=True)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vocoder {step}/{steps} loss {np.mean(losses[-50:], 0)} ({time.time() - start:.0f} s)")
+    vocoder.save_pretrained(work / "vocoder", safe_serialization=True)
+    (work / "vocoder_losses.json").write_text(json.dumps({"seconds": time.time() - start, "losses": losses}))
+
+
+def train_vae(work: Path, steps: int) -> None:
+    _, mels, _ = dataset()
+    vae = build_vae().train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(SEED + 2)
+    batch, segment = 8, 32  # crops of 32 frames: the VAE is convolutional (its attention takes any length)
+    losses, start = [], time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, 1e-3)
+        rows = torch.randint(0, len(mels), (batch,), generator=generator)
+        offsets = torch.randint(0, (FRAMES - segment) // 4 + 1, (batch,), generator=generator) * 4
+        x = torch.stack([mels[r, o : o + segment] for r, o in zip(rows, offsets, strict=True)]).unsqueeze(1)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        # Errors where there is sound matter most (pitch lives in a few bins): weigh them up.
+        weight = 1.0 + 4.0 * (x > math.log10(td.LOG_FLOOR) + 0.5)
+        rec_loss = (weight * (recon - x).abs()).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec_loss + 1e-4 * kl
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        losses.append([rec_loss.item(), kl.item()])
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae {step}/{steps} rec, kl {np.mean(losses[-50:], 0)} ({time.time() - start:.0f} s)")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(m.unsqueeze(1)).latent_dist.mode() for m in mels.split(64)])
+        recon = torch.cat([vae.decode(z).sample for z in latents[:256].split(64)]).squeeze(1)
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    error = float((recon - mels[:256]).abs().mean())
+    log(f"vae done: latent std {1 / scaling:.3f}, reconstruction L1 {error:.4f} (log10 mel)")
+    vae.save_pretrained(work / "vae", safe_serialization=True)
+    report = {"seconds": time.time() - start, "losses": losses, "recon_l1": error, "scaling_factor": scaling}
+    (work / "vae_losses.json").write_text(json.dumps(report))
+
+
+@torch.no_grad()
+def prompt_embeddings(pipe, sounds: list[td.Sound]) -> dict[str, torch.Tensor]:
+    """Per prompt, the (unconditional, conditional) embeddings exactly as the pipeline's encode_prompt makes
+    them with guidance on; T5 states padded to one length with their masks."""
+    gen, t5, mask = [], [], []
+    for sound in sounds:
+        t5_states, t5_mask, generated = pipe.encode_prompt(sound.prompt, "cpu", 1, True)
+        gen.append(generated)  # [2, 8, D]: unconditional, conditional
+        t5.append(t5_states)
+        mask.append(t5_mask)
+    length = max(x.shape[1] for x in t5)
+    t5 = [F.pad(x, (0, 0, 0, length - x.shape[1])) for x in t5]
+    mask = [F.pad(m, (0, length - m.shape[1])) for m in mask]
+    return {"generated": torch.stack(gen), "t5": torch.stack(t5), "mask": torch.stack(mask)}
+
+
+def separation(states: torch.Tensor) -> float:
+    """Smallest distance between two prompts' conditional states, over the typical distance."""
+    flat = states[:, 1].flatten(1)
+    distances = torch.cdist(flat, flat)
+    off = distances[~torch.eye(len(flat), dtype=torch.bool)]
+    return float(off.min() / off.median())
+
+
+def train_unet(work: Path, steps: int) -> None:
+    from diffusers import AutoencoderKL
+
+    _, mels, labels = dataset()
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    pipe = build_pipeline(vae=vae)
+    embeds = prompt_embeddings(pipe, td.grammar())
+    log(
+        f"prompt separation (min/median distance): GPT-2 states {separation(embeds['generated']):.3f}, "
+        f"T5 states {separation(embeds['t5']):.3f}"
+    )
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(m.unsqueeze(1)).latent_dist.mode() for m in mels.split(64)])
+        latents = latents * vae.config.scaling_factor
+    unet = build_unet().train()
+    ema = build_unet().eval()
+    ema.load_state_dict(unet.state_dict())
+    scheduler = build_scheduler()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(SEED + 3)
+    batch = 8
+    losses, start = [], time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, 8e-4)
+        rows = torch.randint(0, len(latents), (batch,), generator=generator)
+        x0, prompt = latents[rows], labels[rows]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        noisy = scheduler.add_noise(x0, noise, t)
+        conditional = (torch.rand(batch, generator=generator) >= 0.1).long()  # 10% unconditional
+        pred = unet(
+            noisy,
+            t,
+            encoder_hidden_states=embeds["generated"][prompt, conditional],
+            encoder_hidden_states_1=embeds["t5"][prompt, conditional],
+            encoder_attention_mask_1=embeds["mask"][prompt, conditional],
+        ).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        decay = min(0.995, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if step % 250 == 249:
+            ema.save_pretrained(work / "unet", safe_serialization=True)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"unet {step}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - start:.0f} s)")
+    ema.save_pretrained(work / "unet", safe_serialization=True)
+    (work / "unet_losses.json").write_text(json.dumps({"seconds": time.time() - start, "losses": losses}))
+
+
+def assemble(work: Path, out: Path) -> None:
+    from diffusers import AudioLDM2UNet2DConditionModel, AutoencoderKL
+    from transformers import SpeechT5HifiGan
+
+    from engine.previews import write_model_factors
+    from resources.build_tiny_models import save_model
+
+    pipe = build_pipeline(
+        vocoder=SpeechT5HifiGan.from_pretrained(work / "vocoder"),
+        vae=AutoencoderKL.from_pretrained(work / "vae"),
+        unet=AudioLDM2UNet2DConditionModel.from_pretrained(work / "unet"),
+    )
+    words = ", ".join(s.prompt for s in td.grammar()[::5])
+    studio = {
+        "family": "audioldm2",
+        "description": (
+            f"Tones: a small AudioLDM2 (audioldm2-large layout, {td.SAMPLE_RATE} Hz) trained on synthetic "
+            f"sounds: sine tones, notes, major/minor chords, rising/falling sweeps, noise bursts, beeps "
+            f"(e.g. {words})."
+        ),
+        "defaults": dict(DEFAULTS),
+    }
+    save_model(pipe, studio, out)
+    write_model_factors(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"saved {out} ({size / 1e6:.2f} MB)")
+    draw_losses(work, REPO / "docs" / "tones_training.png")
+
+
+def draw_losses(work: Path, target: Path) -> None:
+    """Loss curves (log scale, 50-step running mean) of the three trained parts, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    curves = []
+    for name, column in (("vocoder", 0), ("vae", 0), ("unet", None)):
+        path = work / f"{name}_losses.json"
+        if path.is_file():
+            report = json.loads(path.read_text())
+            values = np.array(report["losses"], dtype=float)
+            values = values[:, column] if column is not None else values
+            label = f"{name}: {len(values)} steps, {report['seconds'] / 60:.1f} min"
+            curves.append((label, np.convolve(values, np.ones(50) / 50, mode="valid")))
+    width, height, pad = 420, 260, 40
+    image = Image.new("RGB", (width * max(1, len(curves)), height), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (label, values) in enumerate(curves):
+        x0 = i * width + pad
+        logs = np.log10(np.maximum(values, 1e-8))
+        low, high = logs.min(), logs.max() + 1e-9
+        xs = x0 + np.arange(len(logs)) / max(1, len(logs) - 1) * (width - 2 * pad)
+        ys = height - pad - (logs - low) / (high - low) * (height - 2 * pad)
+        draw.rectangle([x0, pad, x0 + width - 2 * pad, height - pad], outline="gray")
+        draw.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill="navy", width=2)
+        draw.text((x0, 10), label, fill="black")
+        draw.text((x0 - 35, pad - 5), f"{10**high:.3g}", fill="black")
+        draw.text((x0 - 35, height - pad - 5), f"{10**low:.3g}", fill="black")
+        draw.text((x0, height - pad + 8), "step ->   loss (log scale)", fill="black")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.save(target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["vocoder", "vae", "unet", "assemble", "all"])
+    parser.add_argument("--work", type=Path, default=REPO / "build" / "tones_train")
+    parser.add_argument("--out", type=Path, default=REPO / "resources" / "models" / "tones")
+    parser.add_argument("--vocoder-steps", type=int, default=1200)
+    parser.add_argument("--vae-steps", type=int, default=900)
+    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clips-per-prompt", type=int, default=48, help="fewer for smoke runs")
+    args = parser.parse_args()
+    CLIPS.append(args.clips_per_prompt)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if args.stage in ("vocoder", "all"):
+        train_vocoder(args.work, args.vocoder_steps)
+    if args.stage in ("vae", "all"):
+        train_vae(args.work, args.vae_steps)
+    if args.stage in ("unet", "all"):
+        train_unet(args.work, args.unet_steps)
+    if args.stage in ("assemble", "all"):
+        assemble(args.work, args.out)
+    log(f"{args.stage} done in {(time.time() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
