@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import UserError
+from engine.errors import JobCancelled, UserError
 from engine.protocol import GenerationRequest, StepEvent
 from engine.strategies.base import JobContext
 from engine.strategies.caches import CACHE_STRATEGIES, REGISTRY_ATTR
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 8
 SEED = 99
+CANCEL_AT = 0  # the cancelled run asks to stop after this step (the rest is margin)
 # Relative L2 distance from sequential allowed for a cache that reuses: loose, the caches are
 # approximate by design. Observed on the random-weight tiny models: <= 0.014 (see the report).
 BOUND = 0.1
@@ -78,6 +79,8 @@ def runs_for(family: str) -> list[tuple[str, str, dict]]:
         if cache == "cache-mag":  # refused until calibrated; the calibration run is the stock loop
             runs += [("cache-mag uncalibrated", cache, {}), ("cache-mag calibrate", cache, {"calibrate": 1})]
         runs += [(cache, cache, reuse), (f"{cache} never", cache, never)]
+    if family == "cogvideox":  # cancelled mid-run: the hooks must still go
+        runs.append(("cache-pab cancelled", "cache-pab", {}))
     return runs + [("sequential after", "sequential", {})]
 
 
@@ -90,12 +93,20 @@ def cache_runs(shared_engine, conditioning_image):
             done[family] = {}
             for run_name, strategy, options in runs_for(family):
                 events: list = []
+                cancels = run_name.endswith("cancelled")
+
+                def sink(event, cancels=cancels, events=events):
+                    events.append(event)
+                    if cancels and isinstance(event, StepEvent) and event.step == CANCEL_AT:
+                        shared_engine.cancel()
+
                 plan = shared_engine.plan(request(family, strategy, options, conditioning_image))
                 try:
-                    result = shared_engine.run(plan, events.append, previews=False)
+                    result = shared_engine.run(plan, sink, previews=False)
                     steps = [e for e in events if isinstance(e, StepEvent)]
                     done[family][run_name] = SimpleNamespace(result=result, steps=steps)
                 except Exception as error:  # kept, raised by the tests that use this run
+                    error.steps = [e.step for e in events if isinstance(e, StepEvent)]
                     done[family][run_name] = error
         run = done[family][name]
         if isinstance(run, Exception):
@@ -145,6 +156,14 @@ def test_magcache_refuses_until_calibrated_and_calibration_is_the_stock_loop(cac
         cache_runs("cogvideox", "cache-mag uncalibrated")
     calibration = cache_runs("cogvideox", "cache-mag calibrate").result
     assert np.array_equal(calibration.latents, cache_runs("cogvideox", "sequential").result.latents)
+
+
+def test_a_cancelled_cache_run_stops_at_a_step_and_leaves_the_pipeline_clean(cache_runs):
+    with pytest.raises(JobCancelled) as cancelled:
+        cache_runs("cogvideox", "cache-pab cancelled")
+    assert max(cancelled.value.steps) < STEPS - 1
+    after = cache_runs("cogvideox", "sequential after").result.latents
+    assert np.array_equal(after, cache_runs("cogvideox", "sequential").result.latents)
 
 
 @pytest.mark.parametrize(("family", "cache"), REFUSED_PAIRS)

@@ -63,7 +63,7 @@ from diffusers.models.attention_processor import Attention, MochiAttention
 
 from engine.errors import UserError
 from engine.strategies.base import JobContext, Strategy, StrategyOption, denoiser_of
-from engine.strategies.denoiser_info import config_stamp, denoiser_class_name, denoiser_skeleton
+from engine.strategies.denoiser_info import config_mtime, denoiser_class_name, denoiser_skeleton
 
 PROGRESS_SCALE = 1000.0  # diffusers' timestep ranges assume 1000 training timesteps
 CONTEXT_NAME = "parastep"
@@ -177,7 +177,8 @@ class CacheStrategy(Strategy):
     # ---- availability ---------------------------------------------------------------------------
     @classmethod
     def unavailable_reason(cls, entry: Any) -> str | None:
-        return _model_reason(cls, *config_stamp(Path(entry.path)))
+        path = Path(entry.path).resolve()
+        return _model_reason(cls, str(path), config_mtime(path))
 
     # ---- install / uninstall ----------------------------------------------------------------------
     def __init__(self, ctx: JobContext) -> None:
@@ -256,8 +257,8 @@ class CacheStrategy(Strategy):
 
 
 @functools.lru_cache(maxsize=256)
-def _model_reason(cls: type[CacheStrategy], config_file: str, mtime: float) -> str | None:
-    path = Path(config_file).parent.parent
+def _model_reason(cls: type[CacheStrategy], model_path: str, mtime: float) -> str | None:
+    path = Path(model_path)
     class_name = denoiser_class_name(path)
     if class_name is None:
         return f"{cls.cache} runs on a transformer or UNet denoiser; this pipeline has neither."

@@ -50,10 +50,10 @@ def denoiser_skeleton(path: Path) -> Any | None:
     return None
 
 
-def config_stamp(path: Path) -> tuple[str, float]:
-    """A cache key that changes when the denoiser's config file does."""
+def config_mtime(path: Path) -> float:
+    """When the denoiser's config file last changed (0 without one): part of cache keys."""
     for component in DENOISER_COMPONENTS:
         config = Path(path) / component / "config.json"
         if config.is_file():
-            return str(config.resolve()), config.stat().st_mtime
-    return str(path), 0.0
+            return config.stat().st_mtime
+    return 0.0
