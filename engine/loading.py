@@ -12,6 +12,13 @@ from engine.errors import UserError
 # Component classes that carry no weights.
 _WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A file the user creates in a model folder to allow its pickle weights (which can run code when
+# loaded). Only the user makes it: nothing in ParaStep Studio writes it, and it covers that folder only.
+ALLOW_PICKLE_FILE = ".parastep-allow-pickle"
+
+
+def pickle_allowed(entry: ModelEntry) -> bool:
+    return (entry.path / ALLOW_PICKLE_FILE).is_file()
 
 
 def weighted_components(entry: ModelEntry) -> list[str]:
@@ -25,10 +32,36 @@ def weighted_components(entry: ModelEntry) -> list[str]:
     return components
 
 
+def check_components(entry: ModelEntry) -> None:
+    """Refuses components whose class would come from outside diffusers and transformers (a module
+    in the model folder is code that runs on load; `trust_remote_code` is never passed)."""
+    import importlib.util
+
+    model_index = json.loads((entry.path / "model_index.json").read_text())
+    for name, spec in model_index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue
+        library = spec[0]
+        known = library in ("diffusers", "transformers") or (
+            isinstance(library, str)
+            and library.isidentifier()
+            and importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
+        )
+        if not known:
+            raise UserError(
+                f"Component '{name}' of model '{entry.name}' comes from '{library}', not from diffusers or "
+                "transformers; custom code in a model folder is never run.",
+                f"Use a model whose components are stock diffusers/transformers classes "
+                f"(fix '{name}' in {entry.path / 'model_index.json'}).",
+            )
+
+
 def check_weights(entry: ModelEntry) -> None:
-    """Fails fast, naming the file, when a component's weights are missing, truncated or pickled."""
+    """Fails fast, naming the file, when a component is custom code or its weights are missing,
+    truncated or pickled (unless allowed)."""
     from safetensors import safe_open
 
+    check_components(entry)
     for component in weighted_components(entry):
         folder = entry.path / component
         if not folder.is_dir():
@@ -39,11 +72,15 @@ def check_weights(entry: ModelEntry) -> None:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             pickled = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+            if pickled and pickle_allowed(entry):
+                continue
             if pickled:
                 raise UserError(
                     f"'{folder}' holds only pickle weights ({', '.join(pickled)}); they can run arbitrary "
                     "code when loaded and are refused.",
-                    "Convert them to safetensors (e.g. save_pretrained(..., safe_serialization=True)).",
+                    "Convert them to safetensors (e.g. save_pretrained(..., safe_serialization=True)); or, "
+                    f"if you trust this model, create an empty file '{entry.path / ALLOW_PICKLE_FILE}' to "
+                    "allow pickle weights for this folder only.",
                 )
             raise UserError(
                 f"Component '{component}' of model '{entry.name}' has no weight file in '{folder}'.",
@@ -80,7 +117,11 @@ def load_pipeline(entry: ModelEntry, device: str, dtype: Any) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # `torch_dtype` is renamed in newer diffusers
             pipe = DiffusionPipeline.from_pretrained(
-                str(entry.path), local_files_only=True, use_safetensors=True, torch_dtype=dtype
+                str(entry.path),
+                local_files_only=True,
+                # safetensors only, unless the user allowed pickle for this folder (then preferred)
+                use_safetensors=None if pickle_allowed(entry) else True,
+                torch_dtype=dtype,
             )
     except (OSError, ValueError) as exc:
         raise UserError(
