@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -265,20 +266,33 @@ def _model_reason(cls: type[CacheStrategy], model_path: str, mtime: float) -> st
     reason = cls.class_reason(class_name)
     if reason is not None:
         return reason
-    skeleton = denoiser_skeleton(path)
-    if skeleton is None:
-        return None  # cannot tell from the config; install refuses if nothing gets hooked
     options = {o.name: o.default for o in cls.options} | cls.probe_options
     probe = cls(
         JobContext(rank=0, world_size=1, device=torch.device("meta"), total_steps=10, options=options)
     )
-    try:
-        hooks, _ = apply_hooks(skeleton, lambda: probe.apply(skeleton, probe.make_config(skeleton)))
-    except Exception:
-        hooks = []
+    with _probe_lock:  # one skeleton per model, shared by the caches' probes, each removing its hooks
+        skeleton = _skeleton(model_path, mtime)
+        if skeleton is None:
+            return None  # cannot tell from the config; install refuses if nothing gets hooked
+        try:
+            hooks, had_registry = apply_hooks(
+                skeleton, lambda: probe.apply(skeleton, probe.make_config(skeleton))
+            )
+        except Exception:
+            hooks = []
+        else:
+            remove_hooks(skeleton, hooks, had_registry)
     if not hooks:
         return f"diffusers' {cls.cache} finds nothing to cache in {class_name}: it needs {cls.needs}."
     return None
+
+
+_probe_lock = threading.Lock()  # the engine server answers catalog requests on a thread
+
+
+@functools.lru_cache(maxsize=8)
+def _skeleton(model_path: str, mtime: float) -> torch.nn.Module | None:
+    return denoiser_skeleton(Path(model_path))
 
 
 # ---- the caches ------------------------------------------------------------------------------------
