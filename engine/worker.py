@@ -21,6 +21,11 @@ from engine.errors import JobCancelled, UserError
 from engine.pending_decode import decode_with_fallback, save_pending
 from engine.protocol import GenerationRequest, LogEvent, PreviewEvent, StageEvent, StepEvent
 
+# Tests: "STEP" (every rank) or "STEP@RANK": the first job of each such worker process runs out of
+# memory after that denoising step.
+INJECT_LOOP_OOM_ENV = "PARASTEP_INJECT_LOOP_OOM"
+_loop_oom = {"armed": True}
+
 
 @dataclass
 class WorkerSpec:
@@ -125,6 +130,7 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
             emit(StageEvent(job.job_id, "denoise"))
 
     def on_step(report: StepReport) -> None:
+        _maybe_inject_loop_oom(report.step, rank)
         marks["denoise_end"] = time.perf_counter()
         emit(
             StepEvent(
@@ -170,9 +176,11 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
             result = pipe(**kwargs)
     except torch.OutOfMemoryError:
         raise UserError(
-            f"Out of memory on {spec.device} in the denoising loop.",
-            "Ask for fewer frames, a smaller size or shorter audio, use fp16/bf16, "
-            "or fewer devices per model copy.",
+            f"Out of memory on {spec.device} in the denoising loop; nothing was saved.",
+            "Each device holds a whole model copy and the full latents: lower --frames or "
+            "--height/--width (video) or --seconds (audio), use --dtype fp16 or bf16 on a GPU, use a "
+            "smaller --lookahead with batchstep (each look-ahead latent is one more batch entry), or "
+            "free the memory other programs hold on that device.",
         ) from None
     finally:
         strategy.uninstall()
@@ -224,6 +232,15 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
         pending=None if pending is None else str(pending),
     )
     return payload
+
+
+def _maybe_inject_loop_oom(step: int, rank: int) -> None:
+    at, _, on_rank = os.environ.get(INJECT_LOOP_OOM_ENV, "").partition("@")
+    if at and _loop_oom["armed"] and step >= int(at) and (not on_rank or int(on_rank) == rank):
+        import torch
+
+        _loop_oom["armed"] = False
+        raise torch.OutOfMemoryError(f"injected for a test at step {step}")
 
 
 def _describe(exc: BaseException) -> str:

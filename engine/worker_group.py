@@ -108,7 +108,12 @@ class WorkerGroup:
         loaded: set[int] = set()
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while len(loaded) < self.world_size:
-            message = self._next(deadline, "loading the model")
+            if self.cancel.is_set():  # a load can take minutes: stop it now rather than after
+                self.shutdown(force=True)
+                raise JobCancelled()
+            message = self._next(min(deadline, time.monotonic() + POLL_S), "loading the model")
+            if message is None and time.monotonic() < deadline:
+                continue
             if message is None:
                 self.shutdown(force=True)
                 raise WorkerFailure(

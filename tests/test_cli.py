@@ -1,9 +1,8 @@
-"""The command line as a user meets it: each family end to end, and bad input refused cleanly."""
+"""The command line as a user meets it: each family end to end (bad input: tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import main
 from engine.outputs import read_request
 from engine.protocol import GenerationRequest
 from tests.conftest import REPO
@@ -110,79 +108,4 @@ def test_request_restores_through_sidecar_round_trip():
     assert GenerationRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
 
 
-# ---- bad input: one line naming the problem and the fix, non-zero exit, nothing written ------------
-
-
-def copy_model(tmp_path, name="tiny-cogvideox"):
-    target = tmp_path / name
-    shutil.copytree(REPO / "resources" / "models" / name, target)
-    return target
-
-
-def bad_cases(tmp_path, image):
-    not_a_model = tmp_path / "plain"
-    not_a_model.mkdir()
-    (not_a_model / "readme.txt").write_text("hello")
-    truncated = copy_model(tmp_path)
-    weights = next((truncated / "transformer").glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:1000])
-    missing = copy_model(tmp_path / "m")
-    for file in (missing / "vae").glob("*.safetensors"):
-        file.unlink()
-    broken_image = tmp_path / "broken.png"
-    broken_image.write_bytes(b"not a png")
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    cog = ["--model", "tiny-cogvideox", "--frames", "9", "--height", "64", "--width", "96", "--steps", "4"]
-    return {
-        "unknown model": (["--model", "no-such-model"], "Unknown model"),
-        "not a pipeline": (["--model", str(not_a_model)], "model_index.json"),
-        "truncated weights": (["--model", str(truncated), "--steps", "2"], "corrupt or truncated"),
-        "missing weights": (["--model", str(missing), "--steps", "2"], "no weight file"),
-        "svd without image": (["--model", "tiny-svd"], "needs a conditioning image"),
-        "svd missing image": (
-            ["--model", "tiny-svd", "--image", str(tmp_path / "nope.png")],
-            "does not exist",
-        ),
-        "svd unreadable image": (["--model", "tiny-svd", "--image", str(broken_image)], "cannot be read"),
-        "frames not 8k+1": ([*cog, "--frames", "10"], "8k+1"),
-        "height not a multiple": ([*cog, "--height", "70"], "multiple of"),
-        "width not a multiple": ([*cog, "--width", "100"], "multiple of"),
-        "zero steps": ([*cog, "--steps", "0"], "'steps' is 0"),
-        "negative warmup": (
-            [*cog, "--strategy", "parastep", "--devices", "cpu:2", "--warmup", "-1"],
-            "warmup",
-        ),
-        "warmup above steps": (
-            [*cog, "--strategy", "parastep", "--devices", "cpu:2", "--warmup", "5"],
-            "larger",
-        ),
-        "no warm-up with two ranks": (
-            [*cog, "--strategy", "parastep", "--devices", "cpu:2", "--warmup", "0"],
-            "warm-up",
-        ),
-        "GPU that does not exist": (
-            [*cog, "--strategy", "parastep", "--devices", "cuda:3"],
-            "does not exist",
-        ),
-        "too many CPU workers": ([*cog, "--strategy", "parastep", "--devices", "cpu:999"], "CPU workers"),
-        "sequential on two devices": ([*cog, "--devices", "cpu:2"], "runs on 1 device"),
-        "unwritable output folder": ([*cog, "--output", str(blocker / "sub") + "/"], str(blocker)),
-        "wrong clip extension": ([*cog, "--output", str(tmp_path / "clip.wav")], ".mp4"),
-        "audio too long": (["--model", "tiny-audioldm2", "--seconds", "999"], "out of range"),
-    }
-
-
-def test_bad_input_is_refused_with_the_fix_and_no_file(tmp_path, image, capsys, _output_dir):
-    failures = []
-    for name, (args, expected) in bad_cases(tmp_path, image).items():
-        code = main(["generate", *args])
-        err = capsys.readouterr().err.strip()
-        errors = [line for line in err.splitlines() if not line.startswith("[")]  # [stage] lines aside
-        ok = code != 0 and len(errors) == 1 and errors[0].startswith("error: ") and expected in err
-        ok = ok and "Fix:" in errors[0]
-        if not ok:
-            failures.append(f"{name}: exit {code}, stderr {err!r}")
-    assert not failures, "\n".join(failures)
-    assert not _output_dir.exists() or not any(_output_dir.iterdir())
-    assert not list(tmp_path.glob("**/*.mp4"))
+# The bad-input cases of the command line are in tests/test_bad_input.py (one catalogue for all).

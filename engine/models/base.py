@@ -40,10 +40,11 @@ class FamilyAdapter:
         _check_range("steps", resolved.steps, 1, MAX_STEPS)
         if resolved.guidance_scale is None or not 0 <= resolved.guidance_scale <= 100:
             raise UserError(
-                f"Guidance scale {resolved.guidance_scale} is out of range.", "Use a value from 0 to 100."
+                f"'guidance_scale' is {resolved.guidance_scale}; it must be from 0 to 100.",
+                "Set --guidance-scale from 0 to 100.",
             )
         if not 0 <= resolved.seed < 2**63:
-            raise UserError(f"Seed {resolved.seed} is out of range.", "Use a seed from 0 to 2**63-1.")
+            raise UserError(f"'seed' is {resolved.seed}; it must be from 0 to 2**63-1.", "Set --seed in range.")
         self.check(resolved, entry)
         return resolved
 

@@ -1,0 +1,188 @@
+"""Faults injected on purpose: out of memory in the loop, a full disk or a vanished folder at save time,
+and a cancel in each stage. Each ends with a clear message or a clean stop, loses nothing that was
+computed, and leaves the engine able to run the next job.
+
+(A SIGKILLed worker and a cancel mid-denoise are in tests/test_engine.py; out of memory in the decode
+in tests/test_pending_decode.py; a killed engine in tests/test_server.py.)
+"""
+
+from __future__ import annotations
+
+import errno
+import shlex
+import threading
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+
+from app.cli import main
+from engine import outputs
+from engine.engine import Engine
+from engine.errors import JobCancelled, UserError
+from engine.pending_decode import pending_dir
+from engine.protocol import GenerationRequest, StageEvent, StepEvent
+from engine.worker import INJECT_LOOP_OOM_ENV
+
+REQUEST = dict(model="tiny-cogvideox", prompt="a red circle", frames=9, height=64, width=96, steps=3)
+LONG = dict(REQUEST, steps=40, strategy="parastep", devices="cpu:2", strategy_options={"warmup": 1})
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine() as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(autouse=True)
+def _one_state_dir(state_dir, monkeypatch):
+    """The workers outlive a test and keep the environment they started with: one state folder (where
+    latents are kept) for the whole module."""
+    monkeypatch.setenv("PARASTEP_STATE_DIR", str(state_dir))
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def _stage_hook(stage: str, action) -> callable:
+    def on_event(event) -> None:
+        if isinstance(event, StageEvent) and event.stage == stage:
+            action()
+
+    return on_event
+
+
+def _next_job_runs(engine: Engine, **changes) -> None:
+    result = engine.run(engine.plan(GenerationRequest(**{**REQUEST, **changes})), previews=False)
+    assert result.output.shape == (9, 64, 96, 3)
+    result.discard_pending()
+
+
+def test_out_of_memory_in_the_loop_names_the_knobs_and_the_worker_runs_the_next_job(
+    engine, monkeypatch, _output_dir
+):
+    monkeypatch.setenv(INJECT_LOOP_OOM_ENV, "1")  # read by the workers this engine starts next
+    engine.shutdown()
+    with pytest.raises(UserError) as info:
+        engine.generate(GenerationRequest(**REQUEST))
+    message = str(info.value)
+    assert "Out of memory" in message and "denoising loop" in message and "nothing was saved" in message
+    fix = message.split("Fix:", 1)[1]
+    assert all(
+        knob in fix for knob in ("--frames", "--height/--width", "--seconds", "--dtype", "--lookahead")
+    )
+    assert not _files(_output_dir) and not _files(pending_dir())
+    group = engine.group
+    assert group is not None and group.alive()  # one rank, which caught it: the same worker goes on
+    engine.generate(GenerationRequest(**REQUEST))
+    assert engine.group is group and len(_files(_output_dir)) == 2  # clip and sidecar
+
+
+def test_disk_full_at_save_keeps_the_latents_and_decode_saves_the_clip_later(
+    engine, monkeypatch, capsys, _output_dir
+):
+    real_write = outputs._write_mp4
+
+    def full_disk(path, *args):
+        Path(path).write_bytes(b"\0" * 4096)  # part of the clip was written when the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(outputs, "_write_mp4", full_disk)
+    before = _files(pending_dir())
+    with pytest.raises(UserError) as info:
+        engine.generate(GenerationRequest(**REQUEST))
+    kept = sorted(set(_files(pending_dir())) - set(before))
+    assert len(kept) == 1 and str(kept[0]) in str(info.value)
+    assert "is full" in str(info.value) and "parastep-studio decode" in str(info.value)
+    assert not _files(_output_dir)  # no clip, no sidecar, no temporary file
+
+    monkeypatch.setattr(outputs, "_write_mp4", real_write)  # space was freed
+    assert main(["decode", str(kept[0])]) == 0
+    clip = Path(capsys.readouterr().out.split("saved ", 1)[1].strip())
+    assert clip.parent == _output_dir and iio.imread(clip, index=None).shape[:3] == (9, 64, 96)
+    assert outputs.read_request(clip).seed == 0 and not kept[0].exists()
+
+
+def test_output_folder_gone_at_save_keeps_the_latents_and_the_suggested_command_saves(
+    engine, tmp_path, capsys, _output_dir
+):
+    target = tmp_path / "usb-drive"
+    target.mkdir()
+
+    def unplug() -> None:  # while the clip decodes, the folder is replaced by a file
+        target.rmdir()
+        target.write_text("not a folder any more")
+
+    request = GenerationRequest(**REQUEST, output=str(target) + "/")
+    before = _files(pending_dir())
+    with pytest.raises(UserError) as info:
+        engine.generate(request, _stage_hook("decode", unplug))
+    message = str(info.value)
+    assert str(target) in message and "not a folder" in message
+    kept = sorted(set(_files(pending_dir())) - set(before))
+    assert len(kept) == 1 and not _files(_output_dir) and target.read_text() == "not a folder any more"
+
+    target.unlink()  # the drive is back
+    command = message.split("`")[1]  # the fix names the command to run
+    assert command.startswith("parastep-studio decode ") and "--output" in command
+    assert main(shlex.split(command)[1:]) == 0
+    clip = Path(capsys.readouterr().out.split("saved ", 1)[1].strip())
+    assert clip.parent == target and clip.with_suffix(".json").is_file() and not kept[0].exists()
+
+
+def test_cancel_during_decode_saves_nothing_and_keeps_nothing(engine, _output_dir):
+    before = _files(pending_dir())
+    with pytest.raises(JobCancelled):
+        engine.generate(GenerationRequest(**REQUEST), _stage_hook("decode", engine.cancel))
+    assert not _files(_output_dir) and _files(pending_dir()) == before
+    assert engine.group is not None and engine.group.alive()
+    _next_job_runs(engine)
+
+
+def test_cancel_during_encode_stops_at_the_first_agreed_step(engine):
+    steps = []
+
+    def on_event(event) -> None:
+        if isinstance(event, StageEvent) and event.stage == "encode":
+            engine.cancel()
+        elif isinstance(event, StepEvent):
+            steps.append(event.step)
+
+    plan = engine.plan(GenerationRequest(**LONG))
+    with pytest.raises(JobCancelled):
+        engine.run(plan, on_event)
+    assert max(steps, default=0) < 5  # of 40: the ranks agree at every warm-up step and round end
+    assert engine.group is not None and engine.group.alive()
+    _next_job_runs(engine, strategy="parastep", devices="cpu:2")
+
+
+def test_out_of_memory_on_one_rank_fails_the_job_without_a_hang(engine, monkeypatch):
+    monkeypatch.setenv(INJECT_LOOP_OOM_ENV, "2@1")  # rank 1 only: rank 0 is left waiting for it
+    engine.shutdown()
+    with pytest.raises(UserError, match=r"rank 1 .*Out of memory.*Fix:.*--frames"):
+        engine.run(engine.plan(GenerationRequest(**LONG)), previews=False)
+    # Rank 0 was stuck in a collective: the group was stopped (no process left, checked by the autouse
+    # fixture) and the next job starts a new one, as after a killed worker (tests/test_engine.py).
+    assert not engine.group.alive()
+
+
+def test_cancel_during_load_stops_the_load(engine):
+    engine.shutdown()
+    stages = []
+
+    def on_event(event) -> None:
+        if isinstance(event, StageEvent):
+            stages.append(event.stage)
+            if event.stage == "load":  # the workers are being spawned and load the model now
+                threading.Timer(0.5, engine.cancel).start()
+
+    with pytest.raises(JobCancelled):
+        engine.run(engine.plan(GenerationRequest(**REQUEST, devices="cpu:1")), on_event)
+    assert stages == ["load"] and engine.group is None  # stopped before the model was loaded
+    _next_job_runs(engine)
