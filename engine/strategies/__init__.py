@@ -4,6 +4,8 @@ from engine.errors import UserError
 from engine.strategies.base import Strategy, StrategyOption, ideal_speedup
 from engine.strategies.batchstep import BatchStepStrategy
 from engine.strategies.caches import CACHE_STRATEGIES
+from engine.strategies.cfg_parallel import CfgParallelStrategy
+from engine.strategies.cfg_parastep import CfgParaStepStrategy
 from engine.strategies.context_parallel import ContextParallelStrategy
 from engine.strategies.parastep import ParaStepStrategy
 from engine.strategies.sequential import SequentialStrategy
@@ -14,6 +16,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
         SequentialStrategy,
         ParaStepStrategy,
         BatchStepStrategy,
+        CfgParallelStrategy,
+        CfgParaStepStrategy,
         *CACHE_STRATEGIES,
         ContextParallelStrategy,
     )
