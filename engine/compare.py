@@ -42,23 +42,24 @@ def parse_strategy_specs(text: str, default_devices: str) -> list[tuple[str, str
 def compare(
     engine: Engine,
     request: GenerationRequest,
-    specs: list[tuple[str, str]],
+    specs: list[tuple[str, str]] | list[tuple[str, str, dict[str, Any]]],
     on_event: EventSink | None = None,
     save: bool = True,
     previews: bool = False,
 ) -> dict[str, Any]:
-    """Runs every entry; returns {"rows": [...]} as the CLI prints it."""
+    """Runs every entry; returns {"rows": [...]} as the CLI prints it.
+
+    An entry is (strategy, devices) or (strategy, devices, options): its own options (e.g. a
+    ParaStep variant) override the request's, so one strategy can appear with several settings.
+    """
     from engine.metrics import fidelity, relative_l2
     from engine.outputs import plan_output
 
     plans = []
-    for name, devices in specs:  # validate everything before running anything
-        variant = dataclasses.replace(
-            request,
-            strategy=name,
-            devices=devices,
-            strategy_options=dict({k: v for k, v in request.strategy_options.items() if _accepts(name, k)}),
-        )
+    for name, devices, *own in specs:  # validate everything before running anything
+        options = {k: v for k, v in request.strategy_options.items() if _accepts(name, k)}
+        options.update(own[0] if own else {})
+        variant = dataclasses.replace(request, strategy=name, devices=devices, strategy_options=options)
         plans.append(engine.plan(variant))
     # The reference (first sequential entry) runs first, so every row can be compared with it.
     first_sequential = next((i for i, p in enumerate(plans) if p.request.strategy == "sequential"), None)
