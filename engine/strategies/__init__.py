@@ -7,7 +7,9 @@ from engine.strategies.caches import CACHE_STRATEGIES
 from engine.strategies.cfg_parallel import CfgParallelStrategy
 from engine.strategies.cfg_parastep import CfgParaStepStrategy
 from engine.strategies.context_parallel import ContextParallelStrategy
+from engine.strategies.distrifusion import DistriFusionStrategy
 from engine.strategies.parastep import ParaStepStrategy
+from engine.strategies.pcpp import PCPPStrategy
 from engine.strategies.sequential import SequentialStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -16,6 +18,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
         SequentialStrategy,
         ParaStepStrategy,
         BatchStepStrategy,
+        DistriFusionStrategy,
+        PCPPStrategy,
         CfgParallelStrategy,
         CfgParaStepStrategy,
         *CACHE_STRATEGIES,

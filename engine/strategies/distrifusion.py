@@ -1,0 +1,408 @@
+"""DistriFusion (Li et al. 2024): patch parallelism with stale activations.
+
+The latent is split into N equal bands of rows (the rows of every video frame; for AudioLDM2 the
+mel latent's time axis, which is its row axis [B, C, time, mel bins]). Rank k runs the whole
+denoiser on band k; the layers that read other rows get them from the other ranks (patch_layers):
+self-attention keys/values (all-gathered), halo rows of 3x3 convolutions (from the two neighbours),
+GroupNorm statistics (all-gathered); cross-attention and per-token layers need nothing.
+
+Warm-up steps exchange synchronously, so they equal the unsplit model. After warm-up each layer
+uses the previous step's activations of the other bands and starts this step's exchange without
+waiting (async all-gather / send-receive), to be waited for when the layer runs at the next step:
+the transfer overlaps compute. GroupNorm corrects the stale global statistics with this band's
+fresh minus stale statistics. At the end of every call the output bands are all-gathered, so every
+rank holds the whole prediction and runs the scheduler step on the whole latent itself.
+
+CogVideoX: the video tokens of a band are the patch rows of every frame (bands split at patch
+granularity), text tokens are replicated on every rank, rotary embeddings are sliced to the band.
+The UNets (SVD, AudioLDM2): convolution halos with stride handling, corrected GroupNorm and stale
+keys/values for the spatial self-attention; SVD's temporal layers act per pixel and stay local.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry
+
+from engine.errors import JobCancelled, UserError
+from engine.strategies.base import Strategy, StrategyOption, denoiser_of, split_output
+from engine.strategies.patch_comm import BandComm, BandRun
+from engine.strategies.patch_layers import (
+    BandCogVideoXProcessor,
+    BandPatchEmbed,
+    BandSelfAttnProcessor,
+    CorrectedGroupNorm,
+    HaloConv,
+    HaloRows,
+    StaleKV,
+    StaleStats,
+    conv_halo,
+    token_rows,
+)
+
+LAYER_HOOK = "patch_parallel_layer"
+TRANSFORMER = "CogVideoXTransformer3DModel"
+UNETS = ("UNetSpatioTemporalConditionModel", "AudioLDM2UNet2DConditionModel")
+DENOISERS = {
+    "cogvideox": ("transformer", TRANSFORMER),
+    "svd": ("unet", UNETS[0]),
+    "audioldm2": ("unet", UNETS[1]),
+}
+
+
+class DistriFusionStrategy(Strategy):
+    name = "distrifusion"
+    description = (
+        "Patch parallelism: each device denoises a band of rows with the other bands' activations "
+        "from the previous step (DistriFusion)."
+    )
+    options = (
+        StrategyOption(
+            "warmup", "Warm-up steps with an exact, synchronous exchange before stale activations.", None, 0
+        ),
+    )
+    min_devices = 1
+    max_devices = None
+    width_from = "ranks"
+
+    @classmethod
+    def unavailable_reason(cls, entry: Any) -> str | None:
+        if entry.family not in DENOISERS:
+            return (
+                "patch parallelism needs to know which layers of the denoiser mix rows; it supports "
+                f"CogVideoX, Stable Video Diffusion and AudioLDM2, not '{entry.family}' pipelines."
+            )
+        component, expected = DENOISERS[entry.family]
+        config = entry.path / component / "config.json"
+        if config.is_file():
+            import json
+
+            found = json.loads(config.read_text()).get("_class_name")
+            if found != expected:
+                return f"its {component} is a {found}, and patch parallelism supports {expected} only."
+        return None
+
+    @classmethod
+    def check_model_request(cls, request: Any, entry: Any, ranks: int) -> None:
+        """Refuses sizes that do not split into `ranks` equal bands at every resolution."""
+        if ranks > 1:
+            band_geometry(entry, request).check(ranks)
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.warmup = int(ctx.options.get("warmup", 0) or 0)
+        self.run = BandRun(ctx.rank, ctx.world_size, BandComm(self))
+        self._undo: list[Callable[[], None]] = []
+        self._unit = 1  # the bands split at multiples of this many latent rows
+        self._patch: tuple[int, int | None] | None = None  # CogVideoX (patch_size, patch_size_t)
+
+    def kv_context(self, index: int) -> StaleKV:
+        """The self-attention context of one layer (PCPP swaps in its own)."""
+        return StaleKV(self.run, index)
+
+    # ---- installation ---------------------------------------------------------------------------------
+    def install(self, pipe: Any) -> None:
+        super().install(pipe)
+        if self.ctx.world_size > 1:
+            try:
+                self._install_layers(denoiser_of(pipe))
+            except BaseException:
+                self.uninstall()
+                raise
+
+    def uninstall(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        self.run.layers.clear()
+        self.run.full_input = None
+        super().uninstall()
+
+    def _install_layers(self, denoiser: torch.nn.Module) -> None:
+        kind = type(denoiser).__name__
+        if kind == TRANSFORMER:
+            self._install_transformer(denoiser)
+        elif kind in UNETS:
+            self._install_unet(denoiser)
+        else:
+            raise UserError(f"Patch parallelism does not support a {kind}.", "Use another strategy.")
+
+    def _install_transformer(self, model: torch.nn.Module) -> None:
+        self._patch = (model.config.patch_size, model.config.patch_size_t)
+        self._unit = model.config.patch_size
+        self._hook(model.patch_embed, BandPatchEmbed(self.run))
+        for index, block in enumerate(model.transformer_blocks):
+            self._set_processor(block.attn1, BandCogVideoXProcessor(self.run, self.kv_context(index)))
+
+    def _install_unet(self, unet: torch.nn.Module) -> None:
+        from diffusers.models.attention import BasicTransformerBlock, TemporalBasicTransformerBlock
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.downsampling import Downsample2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+        from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+
+        downsamplers = sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+        self._unit = 2**downsamplers
+        blocks = [
+            m for m in unet.modules() if isinstance(m, BasicTransformerBlock | TemporalBasicTransformerBlock)
+        ]
+        in_blocks = {id(m) for block in blocks for m in block.modules()}
+        index = itertools.count()
+        for name, module in unet.named_modules():
+            _refuse_unsupported(name, module, in_blocks, Attention, Downsample2D)
+            if isinstance(module, torch.nn.Conv2d) and any(conv_halo(module)):
+                halo = None if module is unet.conv_in else HaloRows(self.run, next(index), *conv_halo(module))
+                self._hook(module, HaloConv(self.run, halo))
+            elif isinstance(module, torch.nn.GroupNorm):
+                self._hook(module, CorrectedGroupNorm(self.run, StaleStats(self.run, next(index))))
+        for block in blocks:
+            if isinstance(block, TemporalBasicTransformerBlock):
+                continue  # attends across frames at each pixel: local to the band
+            for attn in (block.attn1, block.attn2):
+                if attn is not None:  # self-attention calls use the band context, cross-attention stays local
+                    processor = BandSelfAttnProcessor(self.run, self.kv_context(next(index)), attn.processor)
+                    self._set_processor(attn, processor)
+        for model in unet.modules():
+            if isinstance(model, Transformer2DModel | TransformerSpatioTemporalModel):
+                handle = model.register_forward_pre_hook(self._record_grid, with_kwargs=True)
+                self._undo.append(handle.remove)
+
+    def _record_grid(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """A UNet transformer model's input [B, C, rows, cols]: its tokens are rows x cols."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.run.grid = (1, hidden.shape[-2], hidden.shape[-1])
+
+    def _hook(self, module: torch.nn.Module, hook: Any) -> None:
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(hook, LAYER_HOOK)
+        self._undo.append(lambda: registry.remove_hook(LAYER_HOOK, recurse=False))
+
+    def _set_processor(self, attn: Any, processor: Any) -> None:
+        original = attn.processor
+        attn.set_processor(processor)
+        self._undo.append(lambda: attn.set_processor(original))
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def denoise(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        world, rank, run = self.ctx.world_size, self.ctx.rank, self.run
+        if world == 1:
+            return self.compute(forward, args, kwargs)
+        run.sync = self.step < self.warmup
+        run.post = not run.sync and self.step < self.ctx.total_steps - 1
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+        name = next(iter(bound.arguments))
+        sample = bound.arguments[name]
+        rows = sample.shape[-2]
+        if rows % (world * self._unit):
+            raise UserError(
+                f"{rows} latent rows do not split into {world} equal bands of multiples of {self._unit}.",
+                "Pick a height (or audio length) whose latent rows divide evenly, or fewer devices.",
+            )
+        band = rows // world
+        run.full_input = sample
+        bound.arguments[name] = sample.narrow(-2, rank * band, band)
+        if self._patch is not None:
+            self._band_tokens(bound, sample, band)
+        output = self._timed(forward, bound)
+        run.full_input = None
+        prediction, rebuild = split_output(output)
+        parts, _ = run.comm.all_gather(prediction, wait=True)
+        return rebuild(torch.cat(parts, dim=-2))
+
+    def _band_tokens(self, bound: inspect.BoundArguments, sample: torch.Tensor, band: int) -> None:
+        """CogVideoX: the token grid of the band, and its rotary embeddings."""
+        patch, patch_t = self._patch
+        frames = sample.shape[1] // patch_t if patch_t else sample.shape[1]
+        cols, rows = sample.shape[-1] // patch, band // patch
+        self.run.grid = (frames, rows, cols)
+        rotary = bound.arguments.get("image_rotary_emb")
+        if rotary is not None:
+            start = self.ctx.rank * rows
+            bound.arguments["image_rotary_emb"] = tuple(
+                token_rows(table, frames, cols, start, start + rows) for table in rotary
+            )
+
+    def _timed(self, forward: Callable, bound: inspect.BoundArguments) -> Any:
+        """The band's forward; compute time excludes the waits for exchanges inside it."""
+        self._sync_device()
+        start, waited = time.perf_counter(), self.counters.comm_wait_s
+        output = forward(*bound.args, **bound.kwargs)
+        self._sync_device()
+        elapsed = time.perf_counter() - start - (self.counters.comm_wait_s - waited)
+        self.counters.denoiser_calls += 1
+        self.counters.compute_s += elapsed
+        self._step_compute += elapsed
+        self._action = "compute"
+        return output
+
+    def after_step(self, latent: torch.Tensor) -> None:
+        if self.ctx.world_size == 1:
+            super().after_step(latent)
+            return
+        if self.step == self.ctx.total_steps - 1:
+            return  # nothing is in flight: the last step starts no exchange
+        try:
+            self.agree_on_cancel()
+        except JobCancelled:
+            self.run.drain()  # every rank started the same exchanges; finish them before stopping
+            raise
+
+
+def _refuse_unsupported(
+    name: str, module: Any, in_blocks: set[int], attention: type, downsample: type
+) -> None:
+    """Layers that mix rows in a way the band hooks do not cover."""
+    problem = None
+    if isinstance(module, torch.nn.Conv2d) and (
+        module.padding_mode != "zeros" or isinstance(module.padding, str)
+    ):
+        problem = "a convolution with non-zero or implicit padding"
+    elif isinstance(module, torch.nn.Conv3d) and (module.kernel_size[-2] > 1 or module.padding[-2]):
+        problem = "a 3D convolution across rows"
+    elif isinstance(module, torch.nn.Conv1d):
+        problem = "a 1D convolution"
+    elif isinstance(module, downsample) and module.use_conv and module.padding == 0:
+        problem = "a downsampler that pads the bottom row itself"
+    elif isinstance(module, attention) and id(module) not in in_blocks:
+        problem = "an attention layer outside the transformer blocks"
+    if problem:
+        raise UserError(
+            f"Patch parallelism cannot split this model: '{name}' is {problem}.", "Use another strategy."
+        )
+
+
+# ---- geometry (plan time, from config files) ---------------------------------------------------------
+@dataclass(frozen=True)
+class BandGeometry:
+    """The latent rows a request makes, the multiple a band must be of, and how to fix a bad size."""
+
+    rows: int
+    unit: int
+    what: str  # "height" | "seconds"
+    per_row: float  # request units (pixels or seconds) per latent row
+
+    def check(self, ranks: int) -> None:
+        step = ranks * self.unit
+        if self.rows % step == 0:
+            return
+        good = max(step, math.ceil(self.rows / step) * step)
+        value = (
+            f"--height {int(good * self.per_row)}"
+            if self.what == "height"
+            else f"--seconds {good * self.per_row:.3f}"
+        )
+        fix = f"Use {value}, or a number of devices that divides {self.rows // self.unit}."
+        axis = "rows" if self.what == "height" else "time frames"
+        raise UserError(
+            f"The latent has {self.rows} {axis}, which do not split into {ranks} equal bands of a "
+            f"multiple of {self.unit} (patch parallelism splits at {self.unit}-row granularity).",
+            fix,
+        )
+
+
+def band_geometry(entry: Any, request: Any) -> BandGeometry:
+    from engine.loading import component_config
+
+    vae = component_config(entry, "vae")
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    if entry.family == "cogvideox":
+        unit = component_config(entry, "transformer").get("patch_size", 2)
+        return BandGeometry(request.height // scale, unit, "height", scale)
+    downsamplers = len(component_config(entry, "unet")["down_block_types"]) - 1
+    if entry.family == "svd":
+        return BandGeometry(request.height // scale, 2**downsamplers, "height", scale)
+    vocoder = component_config(entry, "vocoder")  # AudioLDM2, with the pipeline's own arithmetic
+    hop = np.prod(vocoder["upsample_rates"]) / vocoder["sampling_rate"]
+    frames = int(request.seconds / hop)
+    rows = math.ceil(frames / scale)
+    return BandGeometry(rows, 2**downsamplers, "seconds", float(hop * scale))
+
+
+# ---- traffic ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    """One exchanging layer at full size, as the byte formula needs it.
+
+    kv: `rows` token rows of `row_bytes` keys+values each (every frame, column, sample and head);
+    halo: a convolution input of `rows` rows of `row_bytes`, reading `top`/`bottom` rows beyond a band;
+    stats: a GroupNorm whose statistics tensor is `nbytes`.
+    """
+
+    kind: str
+    rows: int = 0
+    row_bytes: int = 0
+    top: int = 0
+    bottom: int = 0
+    nbytes: int = 0
+
+
+def edge_rows(portion: int, band_rows: int) -> int:
+    """PCPP: rows of a neighbour's band that condition this band (at least one for any portion > 0)."""
+    return min(band_rows, -(-portion * band_rows // 100))
+
+
+def expected_traffic(
+    total_steps: int,
+    warmup: int,
+    world_size: int,
+    layers: list[LayerShape],
+    output_bytes: int,
+    portion: int | None = None,
+) -> list[dict[str, int]]:
+    """Bytes each rank sends and receives in one job, from the algorithm and the layer shapes.
+
+    Every layer exchanges at each warm-up step (synchronously) and at each later step but the last
+    (started there, used at the next step): T - 1 exchanges, or T when every step is warm-up.
+    - kv (DistriFusion): an all-gather of the band's keys/values: (N-1) bands sent and received.
+      kv (PCPP, `portion` given): warm-up as DistriFusion; later, the nearest edge_rows(portion, band)
+      rows to each neighbour and from each.
+    - halo: `bottom` rows to the rank above and `top` rows to the rank below; received: `top` rows
+      from above and `bottom` from below (the denoiser's first convolution exchanges nothing and is
+      not listed).
+    - stats: an all-gather of the statistics.
+    Each step also all-gathers the output bands ((N-1)/N of the output each way), and after every
+    step but the last rank 0 broadcasts a one-byte cancel flag (one copy per receiver).
+    """
+    n, t = world_size, total_steps
+    traffic = [{"bytes_sent": 0, "bytes_received": 0} for _ in range(n)]
+    if n == 1:
+        return traffic
+    warm = min(warmup, t)
+    exchanges = t if warm >= t else t - 1
+    later = exchanges - warm
+    for rank, counts in enumerate(traffic):
+        neighbours = (rank > 0, rank < n - 1)
+        sent = received = (n - 1) * (output_bytes // n) * t
+        for layer in layers:
+            if layer.kind == "kv":
+                band = layer.rows // n
+                gathered = (n - 1) * band * layer.row_bytes
+                if portion is None:
+                    both = exchanges * gathered
+                else:
+                    edges = edge_rows(portion, band) * layer.row_bytes * sum(neighbours)
+                    both = warm * gathered + later * edges
+                sent, received = sent + both, received + both
+            elif layer.kind == "halo":
+                above, below = neighbours
+                sent += exchanges * (above * layer.bottom + below * layer.top) * layer.row_bytes
+                received += exchanges * (above * layer.top + below * layer.bottom) * layer.row_bytes
+            elif layer.kind == "stats":
+                sent += exchanges * (n - 1) * layer.nbytes
+                received += exchanges * (n - 1) * layer.nbytes
+            else:
+                raise ValueError(f"unknown layer kind {layer.kind}")
+        counts["bytes_sent"], counts["bytes_received"] = sent, received
+    traffic[0]["bytes_sent"] += (t - 1) * (n - 1)
+    for counts in traffic[1:]:
+        counts["bytes_received"] += t - 1
+    return traffic
