@@ -1,6 +1,7 @@
 """Strategy registry: the CLI and the window list what is here; new strategies appear by being added."""
 
 from engine.errors import UserError
+from engine.strategies.asyncdiff import AsyncDiffStrategy
 from engine.strategies.base import Strategy, StrategyOption, ideal_speedup
 from engine.strategies.batchstep import BatchStepStrategy
 from engine.strategies.caches import CACHE_STRATEGIES
@@ -18,6 +19,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         SequentialStrategy,
         ParaStepStrategy,
         BatchStepStrategy,
+        AsyncDiffStrategy,
         DistriFusionStrategy,
         PCPPStrategy,
         CfgParallelStrategy,

@@ -1,0 +1,216 @@
+"""AsyncDiff's split per family: the counted cost of each block, the parts chosen for N devices, and
+the measured seconds of each part (what one rank computes per step after warm-up).
+
+    .venv/bin/python scripts/asyncdiff_split.py [--models tiny-cogvideox,tiny-svd,tiny-audioldm2]
+        [--parts 2,3,4] [--repeats 7] [--size WxHxF] [--steps 4]
+
+One thread, in this process. A part's time is the median time of a denoiser call that runs the
+head (time and patch embeddings), the part's blocks with the outputs of earlier blocks taken from a
+previous call, and, on the last part, what follows the blocks: what a rank of the engine computes.
+Prints a Markdown table; nothing here is asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from engine.engine import Engine  # noqa: E402
+from engine.loading import load_pipeline  # noqa: E402
+from engine.protocol import GenerationRequest  # noqa: E402
+from engine.strategies.asyncdiff import _attention_flops, balanced_split, denoiser_blocks  # noqa: E402
+from engine.strategies.base import denoiser_of  # noqa: E402
+
+PROMPTS = {"cogvideox": "a red circle", "audioldm2": "a dog barking"}
+
+
+class _Stop(Exception):
+    pass
+
+
+def denoiser_call(plan: Any, pipe: Any) -> tuple[tuple, dict]:
+    """The arguments of the loop's first denoiser call."""
+    denoiser = denoiser_of(pipe)
+    seen: dict[str, Any] = {}
+
+    def grab(module: Any, args: tuple, kwargs: dict) -> None:
+        seen["args"], seen["kwargs"] = args, {**kwargs, "return_dict": False}
+        raise _Stop()
+
+    handle = denoiser.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            pipe(**plan.adapter.pipeline_kwargs(plan.request, torch.Generator("cpu").manual_seed(0)))
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["args"], seen["kwargs"]
+
+
+def costs(denoiser: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[list[int], int]:
+    blocks = [b for _, b in denoiser_blocks(denoiser)]
+    marks: dict[tuple[str, int], int] = {}
+    mapping = {torch.ops.aten.scaled_dot_product_attention: _attention_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        handles = []
+        for i, b in enumerate(blocks):
+            handles.append(
+                b.register_forward_pre_hook(
+                    lambda m, a, i=i: marks.__setitem__(("in", i), counter.get_total_flops())
+                )
+            )
+            handles.append(
+                b.register_forward_hook(
+                    lambda m, a, o, i=i: marks.__setitem__(("out", i), counter.get_total_flops())
+                )
+            )
+        denoiser(*args, **kwargs)
+        for h in handles:
+            h.remove()
+        total = counter.get_total_flops()
+    per_block = [marks[("out", i)] - marks[("in", i)] for i in range(len(blocks))]
+    return per_block, total - marks[("out", len(blocks) - 1)]
+
+
+def part_seconds(
+    denoiser: torch.nn.Module, args: tuple, kwargs: dict, bounds: list[int], repeats: int
+) -> list[float]:
+    blocks = [b for _, b in denoiser_blocks(denoiser)]
+    saved: dict[int, Any] = {}
+    handles = [
+        b.register_forward_hook(lambda m, a, o, i=i: saved.__setitem__(i, o)) for i, b in enumerate(blocks)
+    ]
+    with torch.inference_mode():
+        denoiser(*args, **kwargs)
+    for h in handles:
+        h.remove()
+    result = []
+    for p in range(len(bounds) - 1):
+        first, end = bounds[p], bounds[p + 1]
+        last_part = p == len(bounds) - 2
+
+        def stale(module: Any, inputs: Any, i: int) -> Any:
+            return saved[i]
+
+        hooks = []
+        for i, b in enumerate(blocks):
+            if i < first:  # skip the block's work: replace its forward for this call
+                hooks.append((b, b.forward))
+                b.forward = lambda *a, i=i, **k: saved[i]
+            elif i == end - 1 and not last_part:
+                hooks.append((b, b.forward))
+                original = b.forward
+
+                def stop_after(*a: Any, original: Any = original, **k: Any) -> Any:
+                    original(*a, **k)
+                    raise _Stop()
+
+                b.forward = stop_after
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    denoiser(*args, **kwargs)
+            except _Stop:
+                pass
+            times.append(time.perf_counter() - start)
+        for b, forward in hooks:
+            b.forward = forward
+        result.append(statistics.median(times))
+    return result
+
+
+def conditioning_image() -> str:
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    path = Path(tempfile.mkdtemp()) / "conditioning.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="tiny-cogvideox,tiny-svd,tiny-audioldm2")
+    parser.add_argument("--parts", default="2,3,4")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--size", default="", help="WxHxF for video (e.g. 96x64x9), seconds for audio")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    engine = Engine()
+    print(
+        "| model | size | N | parts (blocks) | counted cost share | measured ms per part | slowest / mean |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for model in args.models.split(","):
+        entry = engine.catalog.resolve(model)
+        family = entry.family
+        fields: dict[str, Any] = {
+            "model": model,
+            "steps": 2,
+            "seed": 0,
+            "strategy": "sequential",
+            "devices": "cpu:1",
+        }
+        if family in PROMPTS:
+            fields["prompt"] = PROMPTS[family]
+        if family == "svd":
+            fields["image"] = conditioning_image()
+        plan = engine.plan(GenerationRequest(**fields))
+        if args.size:
+            if plan.adapter.modality == "audio":
+                plan = dataclasses.replace(
+                    plan, request=dataclasses.replace(plan.request, seconds=float(args.size))
+                )
+            else:
+                w, h, f = (int(x) for x in args.size.split("x"))
+                plan = dataclasses.replace(
+                    plan, request=dataclasses.replace(plan.request, width=w, height=h, frames=f)
+                )
+        pipe = load_pipeline(entry, "cpu", torch.float32)
+        call_args, call_kwargs = denoiser_call(plan, pipe)
+        denoiser = denoiser_of(pipe)
+        names = [n for n, _ in denoiser_blocks(denoiser)]
+        block_costs, tail = costs(denoiser, call_args, call_kwargs)
+        r = plan.request
+        size = f"{r.seconds} s" if plan.adapter.modality == "audio" else f"{r.width}x{r.height}x{r.frames}"
+        for parts in (int(p) for p in args.parts.split(",")):
+            if parts > len(names):
+                continue
+            bounds = balanced_split(block_costs, tail, parts)
+            shares = [sum(block_costs[bounds[p] : bounds[p + 1]]) for p in range(parts)]
+            shares[-1] += tail
+            seconds = part_seconds(denoiser, call_args, call_kwargs, bounds, args.repeats)
+            listing = " / ".join(
+                ",".join(
+                    n.replace("transformer_blocks.", "t").replace("_blocks.", "")
+                    for n in names[bounds[p] : bounds[p + 1]]
+                )
+                for p in range(parts)
+            )
+            total = sum(shares)
+            cost = " / ".join(f"{s / total:.0%}" for s in shares)
+            ms = " / ".join(f"{s * 1000:.1f}" for s in seconds)
+            ratio = max(seconds) / statistics.mean(seconds)
+            print(f"| {model} | {size} | {parts} | {listing} | {cost} | {ms} | {ratio:.2f} |")
+        del pipe
+
+
+if __name__ == "__main__":
+    main()
