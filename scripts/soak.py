@@ -186,13 +186,15 @@ class Soak:
         self.problems: list[str] = []
 
     # ---- set-up ----
-    def start_engine(self) -> None:
+    def make_image(self) -> None:
         import numpy as np
         from PIL import Image
 
         self.tmp.mkdir(parents=True, exist_ok=True)
         pixels = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(self.image)
+
+    def start_engine(self) -> None:
         env = {
             **os.environ,
             "PARASTEP_STATE_DIR": str(self.state),
@@ -246,8 +248,12 @@ class Soak:
 
     # ---- one job ----
     def run(self) -> None:
+        self.make_image()  # before planning: SVD needs it
         table = self.combos()
-        print(f"combinations: {len(table)}; strategies: {sorted({s for v in table.values() for s in v})}")
+        for (model, devices), names in sorted(table.items()):
+            print(f"{model} {devices}: {', '.join(names)}")
+        if len(table) != len(MODELS) * len(DEVICES):
+            raise SystemExit(f"only {len(table)} model/device combinations plan; see above")
         self.start_engine()
         self.shm_before = shm_entries()
         self.started = time.monotonic()
