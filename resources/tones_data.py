@@ -16,9 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Mel settings: one definition for the VAE, the vocoder and the pipeline.
+# Mel settings: one definition for the VAE, the vocoder and the pipeline. The hop is long on purpose: a
+# HiFi-GAN is equivariant to shifts of one frame, so from the constant mel frames of a steady tone it can only
+# make a signal periodic in the hop, whose spectrum lies on multiples of SAMPLE_RATE / HOP. A 100 ms hop puts
+# that grid at 10 Hz, within 2% of any pitch from 220 Hz up (a 20 ms hop snapped 440 Hz to 450, 220 to 350).
 SAMPLE_RATE = 8000
-HOP = 160  # samples per mel frame (20 ms); the product of the vocoder's upsample rates
+HOP = 800  # samples per mel frame (100 ms); the product of the vocoder's upsample rates
 N_FFT = 1024  # a 128 ms window: fine frequency detail for pitch, which the mel bins keep
 N_MELS = 128
 F_MAX = SAMPLE_RATE / 2

@@ -42,7 +42,7 @@ SEED = 0
 CLIPS: list[int] = []  # clips per prompt, from the command line
 TEXT_DIM = 32
 DEFAULTS = {"steps": 20, "seconds": td.CLIP_SECONDS, "guidance_scale": 3.0}
-VOCODER_RATES = [5, 4, 4, 2]  # product = td.HOP
+VOCODER_RATES = [5, 5, 4, 4, 2]  # product = td.HOP
 FRAMES = int(td.CLIP_SECONDS * td.SAMPLE_RATE) // td.HOP
 
 
@@ -170,9 +170,9 @@ def build_vocoder():
         SpeechT5HifiGanConfig(
             model_in_dim=td.N_MELS,
             sampling_rate=td.SAMPLE_RATE,
-            upsample_initial_channel=128,
+            upsample_initial_channel=256,
             upsample_rates=VOCODER_RATES,
-            upsample_kernel_sizes=[2 * r for r in VOCODER_RATES],
+            upsample_kernel_sizes=[2 * r + r % 2 for r in VOCODER_RATES],  # odd rate, odd kernel: exact length
             resblock_kernel_sizes=[3, 7],
             resblock_dilation_sizes=[[1, 3], [1, 3]],
             normalize_before=False,
@@ -275,11 +275,11 @@ def train_vocoder(work: Path, steps: int) -> None:
     vocoder = build_vocoder().train()
     optimizer = torch.optim.AdamW(vocoder.parameters(), lr=1e-3, betas=(0.8, 0.99))
     generator = torch.Generator().manual_seed(SEED + 1)
-    segment, batch = 32, 8  # 32 frames = 0.64 s per example
+    segment, batch = 8, 8  # 8 frames = 0.8 s per example
     losses, start = [], time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, 1e-3)
+            group["lr"] = cosine_lr(step, steps, 1e-3, warmup=50)
         rows = torch.randint(0, len(wave), (batch,), generator=generator)
         offsets = torch.randint(0, FRAMES - segment + 1, (batch,), generator=generator)
         mel = torch.stack([mels[r, o : o + segment] for r, o in zip(rows, offsets, strict=True)])
@@ -305,13 +305,13 @@ def train_vocoder(work: Path, steps: int) -> None:
 def train_vae(work: Path, steps: int) -> None:
     _, mels, _ = dataset()
     vae = build_vae().train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(SEED + 2)
-    batch, segment = 8, 32  # crops of 32 frames: the VAE is convolutional (its attention takes any length)
+    batch, segment = 8, FRAMES  # whole clips (crops would do too: the VAE is convolutional)
     losses, start = [], time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, 1e-3)
+            group["lr"] = cosine_lr(step, steps, 2e-3, warmup=30)
         rows = torch.randint(0, len(mels), (batch,), generator=generator)
         offsets = torch.randint(0, (FRAMES - segment) // 4 + 1, (batch,), generator=generator) * 4
         x = torch.stack([mels[r, o : o + segment] for r, o in zip(rows, offsets, strict=True)]).unsqueeze(1)
@@ -386,11 +386,11 @@ def train_unet(work: Path, steps: int) -> None:
     scheduler = build_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED + 3)
-    batch = 8
+    batch = 16
     losses, start = [], time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, 8e-4)
+            group["lr"] = cosine_lr(step, steps, 1e-3, warmup=50)
         rows = torch.randint(0, len(latents), (batch,), generator=generator)
         x0, prompt = latents[rows], labels[rows]
         noise = torch.randn(x0.shape, generator=generator)
@@ -488,9 +488,9 @@ def main() -> None:
     parser.add_argument("stage", choices=["vocoder", "vae", "unet", "assemble", "all"])
     parser.add_argument("--work", type=Path, default=REPO / "build" / "tones_train")
     parser.add_argument("--out", type=Path, default=REPO / "resources" / "models" / "tones")
-    parser.add_argument("--vocoder-steps", type=int, default=1200)
-    parser.add_argument("--vae-steps", type=int, default=900)
-    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--vocoder-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--unet-steps", type=int, default=800)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clips-per-prompt", type=int, default=48, help="fewer for smoke runs")
     args = parser.parse_args()
