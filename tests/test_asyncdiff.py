@@ -32,13 +32,15 @@ STEPS = 7
 WARMUP = 2
 
 # name -> (devices, options, families); grouped by devices so that each worker group starts once.
-# N = devices - stride + 1 parts. Warm-up 1 takes the path where the split and the trace share step 0;
-# stride 2 with W = 2, T = 7 has rounds (2,2),(4,2),(6,1): the last one is shorter than the stride.
+# N = devices - stride + 1 parts. Balance 0 (counted operations) gives a split the reference works out
+# on its own; balance 1 (measured times, the default) one that the reference takes from the engine.
+# Warm-up 1 takes the path where the split and the trace share step 0; stride 2 with W = 2, T = 7 has
+# rounds (2,2),(4,2),(6,1): the last one is shorter than the stride.
 RUNS = {
-    "n2": ("cpu:2", {"warmup": WARMUP}, ("cogvideox", "svd", "audioldm2")),
+    "n2": ("cpu:2", {"warmup": WARMUP, "balance": 0}, ("cogvideox", "svd", "audioldm2")),
     "n2-all-warmup": ("cpu:2", {"warmup": STEPS}, ("cogvideox", "svd", "audioldm2")),
-    "n3-w1": ("cpu:3", {"warmup": 1}, ("audioldm2",)),
-    "n2-s2": ("cpu:3", {"warmup": WARMUP, "stride": 2}, ("audioldm2",)),
+    "n3-w1-measured": ("cpu:3", {"warmup": 1}, ("audioldm2",)),
+    "n2-s2": ("cpu:3", {"warmup": WARMUP, "stride": 2, "balance": 0}, ("audioldm2",)),
 }
 CASES = [(family, name) for name, (_, _, families) in RUNS.items() for family in families]
 PARALLEL_CASES = [(f, n) for f, n in CASES if n != "n2-all-warmup"]
@@ -86,6 +88,8 @@ def engine_runs(shared_engine, conditioning_image):
 
 @pytest.fixture(scope="module")
 def references(conditioning_image):
+    """Per family: the stock run and its recording, the block names and costs; per (run, split):
+    the reference latents and the bytes each part consumes (added by reference_run)."""
     cache: dict[str, dict] = {}
 
     def get(family: str) -> dict:
@@ -93,40 +97,63 @@ def references(conditioning_image):
             params = {**REQUESTS[family], "seed": SEED, "steps": STEPS, "image": conditioning_image}
             pipe = oracle.load_pipeline(EMBEDDED_MODELS_DIR / REQUESTS[family]["model"])
             rec = oracle.record(family, pipe, params)
-            costs, tail = oracle_asyncdiff.block_costs(rec)
-            names = [name for name, _ in oracle_asyncdiff.blocks(rec)]
-            ref = {"stock": rec.stock_latents.numpy(), "rec": rec, "names": names}
-            for name in [n for f, n in PARALLEL_CASES if f == family]:
-                parts, stride, warmup = parts_and_stride(name)
-                bounds = oracle_asyncdiff.split(costs, tail, parts)
-                ref[name] = {
-                    "bounds": bounds,
-                    "latents": oracle_asyncdiff.asyncdiff(rec, bounds, warmup, stride).numpy(),
-                    "boundary_bytes": oracle_asyncdiff.boundary_bytes(rec, bounds),
-                }
-            cache[family] = ref
+            cache[family] = {
+                "stock": rec.stock_latents.numpy(),
+                "rec": rec,
+                "names": [name for name, _ in oracle_asyncdiff.blocks(rec)],
+                "costs": oracle_asyncdiff.block_costs(rec),
+            }
         return cache[family]
 
     return get
+
+
+def reference_bounds(ref: dict, name: str, engine_ranks: list[dict]) -> list[int]:
+    """The split: worked out here for counted operations, the engine's own for measured times."""
+    parts, _, _ = parts_and_stride(name)
+    if RUNS[name][1].get("balance", 1) == 0:
+        costs, tail = ref["costs"]
+        return oracle_asyncdiff.split(costs, tail, parts)
+    bounds = [0]
+    for counters in engine_ranks[:parts]:
+        blocks = counters["part_blocks"]
+        assert blocks and ref["names"][bounds[-1] : bounds[-1] + len(blocks)] == blocks  # contiguous
+        bounds.append(bounds[-1] + len(blocks))
+    assert bounds[-1] == len(ref["names"])
+    return bounds
+
+
+def reference_run(ref: dict, name: str, bounds: list[int]) -> dict:
+    key = (name, tuple(bounds))
+    if key not in ref:
+        _, stride, warmup = parts_and_stride(name)
+        ref[key] = {
+            "latents": oracle_asyncdiff.asyncdiff(ref["rec"], bounds, warmup, stride).numpy(),
+            "boundary_bytes": oracle_asyncdiff.boundary_bytes(ref["rec"], bounds),
+        }
+    return ref[key]
 
 
 # ---- the algorithm against the reference ------------------------------------------------------------
 @pytest.mark.parametrize("family,name", PARALLEL_CASES)
 def test_split_is_the_references(family, name, engine_runs, references):
     ref = references(family)
-    bounds = ref[name]["bounds"]
-    parts, _, _ = parts_and_stride(name)
     ranks = engine_runs(family, name).ranks
+    bounds = reference_bounds(ref, name, ranks)
+    parts, _, _ = parts_and_stride(name)
     for rank, counters in enumerate(ranks):
         part = min(rank, parts - 1)
         assert counters["part_blocks"] == ref["names"][bounds[part] : bounds[part + 1]], f"rank {rank}"
+        assert 0 < counters["part_share"] < 1
+    assert math.isclose(sum(c["part_share"] for c in ranks[:parts]), 1.0)
 
 
 @pytest.mark.parametrize("family,name", PARALLEL_CASES)
 def test_asyncdiff_matches_the_reference(family, name, engine_runs, references):
-    latents = engine_runs(family, name).latents
-    ref = references(family)
-    assert_close(latents, ref[name]["latents"], EXACT, f"{family} asyncdiff {name}")
+    result, ref = engine_runs(family, name), references(family)
+    latents = result.latents
+    reference = reference_run(ref, name, reference_bounds(ref, name, result.ranks))
+    assert_close(latents, reference["latents"], EXACT, f"{family} asyncdiff {name}")
     assert_distinct(latents, ref["stock"], EXACT, f"{family} asyncdiff {name}")
 
 
@@ -141,8 +168,7 @@ def test_all_warmup_is_sequential(family, engine_runs, references):
 
 def test_reference_with_every_step_warm_is_the_stock_loop(references):
     ref = references("audioldm2")
-    bounds = ref["n2"]["bounds"]
-    whole = oracle_asyncdiff.asyncdiff(ref["rec"], bounds, warmup=STEPS, stride=1)
+    whole = oracle_asyncdiff.asyncdiff(ref["rec"], [0, 3, len(ref["names"])], warmup=STEPS, stride=1)
     assert np.array_equal(whole.numpy(), ref["stock"])
 
 
@@ -155,10 +181,11 @@ def test_traffic_equals_the_formula(family, name, engine_runs, references):
     # The prediction: both guidance halves of the float32 denoiser output, the latent's size each.
     assert REQUESTS[family]["guidance_scale"] > 1.0
     prediction_bytes = 2 * math.prod(result.latents.shape) * np.dtype(np.float32).itemsize
-    boundary = references(family)[name]["boundary_bytes"]
+    ref = references(family)
+    boundary = reference_run(ref, name, reference_bounds(ref, name, result.ranks))["boundary_bytes"]
     for p in range(1, parts):
         assert boundary[p - 1][p] > 0  # a part always consumes the one before it
-    traffic = expected_traffic(STEPS, warmup, stride, ranks, prediction_bytes, boundary)
+    traffic = expected_traffic(STEPS, warmup, stride, ranks, prediction_bytes, boundary, len(ref["names"]))
     for rank, counters in enumerate(result.ranks):
         assert counters["bytes_sent"] == traffic[rank]["bytes_sent"], f"rank {rank} sent"
         assert counters["bytes_received"] == traffic[rank]["bytes_received"], f"rank {rank} received"
@@ -170,15 +197,20 @@ def test_traffic_equals_the_formula(family, name, engine_runs, references):
 
 
 def test_formula_by_hand():
-    # T=7, W=2, two parts, no stride: rounds at 2..6 (5), flags after steps 0, 1 and rounds 2..5 (6).
-    traffic = expected_traffic(7, 2, 1, 2, prediction_bytes=100, boundary_bytes=[[0, 10], [0, 0]])
-    assert traffic[0] == {"bytes_sent": 6 + 4 * 10, "bytes_received": 5 * 100}
-    assert traffic[1] == {"bytes_sent": 5 * 100, "bytes_received": 6 + 4 * 10}
+    # T=7, W=2, two parts, no stride: rounds at 2..6 (5), flags after steps 0, 1 and rounds 2..5 (6),
+    # the costs of 3 blocks and of what follows them (4 int64), the boundary after rounds 2..5 (4).
+    boundary = [[0, 10], [0, 0]]
+    traffic = expected_traffic(7, 2, 1, 2, prediction_bytes=100, boundary_bytes=boundary, blocks=3)
+    assert traffic[0] == {"bytes_sent": 6 + 32 + 4 * 10, "bytes_received": 5 * 100}
+    assert traffic[1] == {"bytes_sent": 5 * 100, "bytes_received": 6 + 32 + 4 * 10}
     # Stride 2 on 3 ranks (2 parts + 1 extra): rounds (2,2),(4,2),(6,1); extra rank 2 sources steps 2, 4.
-    traffic = expected_traffic(7, 2, 2, 3, prediction_bytes=100, boundary_bytes=[[0, 10], [0, 0]])
+    traffic = expected_traffic(7, 2, 2, 3, prediction_bytes=100, boundary_bytes=boundary, blocks=3)
     assert traffic[2]["bytes_sent"] == 2 * 2 * 100
     assert traffic[1]["bytes_sent"] == 3 * 2 * 100
-    assert traffic[0]["bytes_sent"] == (2 + 2) * 2 + 2 * 2 * 10  # flags to two ranks; boundary to ranks 1, 2
+    assert traffic[0]["bytes_sent"] == (2 + 2 + 32) * 2 + 2 * 2 * 10  # to two ranks; boundary to ranks 1, 2
+    # Every step a warm-up step: the plain loop, cancel flags only.
+    traffic = expected_traffic(7, 7, 1, 2, prediction_bytes=100, boundary_bytes=boundary, blocks=3)
+    assert traffic[0] == {"bytes_sent": 6, "bytes_received": 0}
 
 
 # ---- the split ---------------------------------------------------------------------------------------
@@ -210,7 +242,7 @@ def test_refuses_more_parts_than_blocks(references):
         world_size=5,
         device=torch.device("cpu"),
         total_steps=STEPS,
-        options={"warmup": 2},
+        options={"warmup": 2, "stride": 1, "balance": 1},
         pipe=rec.pipe,
     )
     strategy = AsyncDiffStrategy(ctx)
@@ -226,12 +258,14 @@ def test_refuses_more_parts_than_blocks(references):
     assert out[0].shape[0] == rec.call_args[0].shape[0]
 
 
-def test_refuses_a_stride_larger_than_the_devices(shared_engine, conditioning_image):
-    bad = dataclasses.replace(
-        request("audioldm2", "n2", conditioning_image), strategy_options={"warmup": 2, "stride": 3}
-    )
+def test_refuses_a_stride_larger_than_the_devices_and_a_bad_balance(shared_engine, conditioning_image):
+    good = request("audioldm2", "n2", conditioning_image)
+    bad = dataclasses.replace(good, strategy_options={"warmup": 2, "stride": 3})
     with pytest.raises(UserError, match="stride 3 needs at least 3 devices"):
         shared_engine.plan(bad)
+    with pytest.raises(UserError, match="'balance'"):
+        shared_engine.plan(dataclasses.replace(good, strategy_options={"warmup": 2, "balance": 2}))
+    assert shared_engine.plan(good).request.strategy_options == {"warmup": 2, "stride": 1, "balance": 0}
 
 
 def test_refuses_a_denoiser_it_cannot_split(tmp_path):

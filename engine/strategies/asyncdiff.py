@@ -20,9 +20,14 @@ Every rank holds the whole model. Each block carries a diffusers hook: a rank re
 (`_PartDone`); the cheap work between blocks (time and patch embeddings) runs everywhere, and the
 last rank also runs what follows the blocks (norm_out/proj_out, conv_out).
 
-The split balances operation counts (FLOPs of matrix products, convolutions and attention, counted
-once per job at step 0), so the same request gives the same split and the same output every run.
-Which block outputs each part consumes is traced at the last warm-up step by tensor identity.
+The split is decided once per job, at the last warm-up step but one (step 0 with one warm-up step):
+rank 0 costs every block and broadcasts the costs, and every rank cuts the same contiguous parts,
+minimising the largest. The cost is the block's measured time (`balance` 1, the default: parts of
+about equal time, but a split that can differ between runs where two cuts are nearly as good) or its
+counted operations (`balance` 0: FLOPs of matrix products, convolutions and attention, which depend
+on shapes only, so the same request always gets the same split and the same output; on small
+models on a CPU, where normalisation and softmax dominate, they are a poor guide to time). Which
+block outputs each part consumes is traced at the last warm-up step, by tensor identity.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import bisect
 import inspect
 import json
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -58,7 +64,7 @@ class AsyncDiffCounters(RankCounters):
     """The common counters plus the part this rank ran after warm-up."""
 
     part_blocks: list[str] = field(default_factory=list)
-    part_flops: int = 0  # counted cost of the part (blocks, plus what follows them on the last part)
+    part_share: float = 0.0  # the part's share of the whole denoiser's cost, as the split saw it
     part_compute_s: float = 0.0  # seconds computing the part, after warm-up
 
 
@@ -212,6 +218,13 @@ class AsyncDiffStrategy(Strategy):
             1,
             1,
         ),
+        StrategyOption(
+            "balance",
+            "1: parts of equal measured time (rank 0 times each block in warm-up); 0: of equal counted "
+            "operations (the same split every run).",
+            1,
+            0,
+        ),
     )
     min_devices = 1
     max_devices = None
@@ -234,6 +247,11 @@ class AsyncDiffStrategy(Strategy):
 
     @classmethod
     def check_request(cls, request: Any, adapter: Any, ranks: int) -> None:
+        if request.strategy_options.get("balance", 1) not in (0, 1):
+            raise UserError(
+                f"Option 'balance' of 'asyncdiff' is {request.strategy_options['balance']}; it is 0 or 1.",
+                "Use --balance 1 (measured block times) or --balance 0 (counted operations).",
+            )
         stride = int(request.strategy_options.get("stride", 1))
         if stride > ranks:
             raise UserError(
@@ -253,13 +271,12 @@ class AsyncDiffStrategy(Strategy):
         self.names: list[str] = []
         self.blocks: list[torch.nn.Module] = []
         self.bounds: list[int] = []  # part k is blocks bounds[k]..bounds[k+1]-1
-        self.block_flops: list[int] = []
-        self.tail_flops = 0
+        self.balance_by_time = bool(ctx.options.get("balance", 1))
+        self.costs: list[int] = []  # per block, then what follows the blocks (ns or operations)
         self.needs: list[list[Key]] = []  # needs[p]: outputs of earlier parts that part p consumes
         self.skeletons: list[Any] = []  # each block's output with placeholder tensors
-        self.aliases: list[
-            list[int]
-        ] = []  # per block output: index of the first output that is the same tensor
+        # Per block output: the index of its first output that is the same tensor.
+        self.aliases: list[list[int]] = []
         self.stale: dict[Key, torch.Tensor] = {}  # what this rank's part consumes, one step old
         self.fresh: dict[Key, torch.Tensor] = {}  # this rank's part outputs that later parts consume
         self.outgoing: set[Key] = set()
@@ -268,13 +285,14 @@ class AsyncDiffStrategy(Strategy):
         self.round_predictions: list[torch.Tensor] = []
         self._pending: list[Any] = []
         # what the block hooks do in the current forward
-        self._profiling: FlopCounterMode | None = None
+        self._profiling = False
+        self._counter: FlopCounterMode | None = None
         self._tracing = False
         self._running_part = False
         self._producers: dict[int, tuple[weakref.ref, Key]] = {}
         self._consumers: dict[Key, set[int]] = {}
         self._kept: dict[Key, torch.Tensor] = {}
-        self._last_exit_flops = 0
+        self._last_exit = 0  # cost mark when the last block returned
 
     # ---- installation -------------------------------------------------------------------------
     def install(self, pipe: Any) -> None:
@@ -336,8 +354,8 @@ class AsyncDiffStrategy(Strategy):
         return self.rebuild(self.round_predictions[0])
 
     def _whole_step(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        """A warm-up step: the whole denoiser; step 0 counts block costs, step W-1 traces what each
-        part consumes."""
+        """A warm-up step: the whole denoiser. The last warm-up step but one (or step 0) measures the
+        blocks' costs and fixes the split; the last one traces what each part consumes."""
         step = self.step
         if step == 0 and self.parts > len(self.blocks):
             raise UserError(
@@ -345,28 +363,46 @@ class AsyncDiffStrategy(Strategy):
                 f"({self.ctx.world_size} devices, stride {self.stride}).",
                 f"Use at most {len(self.blocks) + self.stride - 1} devices with this model and stride.",
             )
-        profile, self._tracing = step == 0, step == self.warmup - 1
+        parallel = self.warmup < self.ctx.total_steps  # else this is the plain loop: nothing to split
+        self._tracing = parallel and step == self.warmup - 1
         if self._tracing:
             self._producers, self._consumers, self._kept = {}, {}, {}
-        try:
-            if profile:
-                self.block_flops = [0] * len(self.blocks)
-                mapping = {torch.ops.aten.scaled_dot_product_attention: _attention_flops}
-                with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-                    self._profiling = counter
-                    output = self.compute(forward, args, kwargs)
-                    self.tail_flops = counter.get_total_flops() - self._last_exit_flops
-                self.bounds = balanced_split(self.block_flops, self.tail_flops, self.parts)
-                self._describe_part()
-            else:
-                output = self.compute(forward, args, kwargs)
-        finally:
-            self._profiling = None
+        if parallel and step == max(self.warmup - 2, 0):
+            output = self._profiled(forward, args, kwargs)
+        else:
+            output = self.compute(forward, args, kwargs)
         if self._tracing:
             self._tracing = False
             self._finish_trace()
             prediction, self.rebuild = split_output(output)
             self.prediction_like = torch.empty_like(prediction)
+        return output
+
+    def _profiled(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """The whole denoiser, costing each block: its measured nanoseconds, or its counted
+        operations (`balance` 0). Rank 0's costs are broadcast, so every rank cuts the same parts."""
+        self.costs = [0] * (len(self.blocks) + 1)
+        self._profiling = True
+        try:
+            if self.balance_by_time:
+                output = self.compute(forward, args, kwargs)
+                self.costs[-1] = time.perf_counter_ns() - self._last_exit
+            else:
+                mapping = {torch.ops.aten.scaled_dot_product_attention: _attention_flops}
+                with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+                    self._counter = counter
+                    output = self.compute(forward, args, kwargs)
+                    self.costs[-1] = counter.get_total_flops() - self._last_exit
+        finally:
+            self._profiling, self._counter = False, None
+        agreed = torch.tensor(self.costs, dtype=torch.int64, device=self.ctx.device)
+        self.broadcast(agreed, 0)
+        self.costs = [int(c) for c in agreed.tolist()]
+        self.bounds = balanced_split(self.costs[:-1], self.costs[-1], self.parts)
+        first, end = self.bounds[self.my_part], self.bounds[self.my_part + 1]
+        self.counters.part_blocks = self.names[first:end]
+        mine = sum(self.costs[first:end]) + (self.costs[-1] if self.my_part == self.parts - 1 else 0)
+        self.counters.part_share = mine / max(sum(self.costs), 1)
         return output
 
     def _run_part(self, forward: Callable, args: tuple, kwargs: dict, time_index: int) -> Any:
@@ -404,12 +440,13 @@ class AsyncDiffStrategy(Strategy):
             return self._part_block(index, forward, args, kwargs)
         if self._tracing:
             self._trace_inputs(index, args, kwargs)
-        counter = self._profiling
-        before = counter.get_total_flops() if counter else 0
-        output = forward(*args, **kwargs)
-        if counter:
-            self._last_exit_flops = counter.get_total_flops()
-            self.block_flops[index] = self._last_exit_flops - before
+        if not self._profiling:
+            output = forward(*args, **kwargs)
+        else:
+            before = self._cost_mark()
+            output = forward(*args, **kwargs)
+            self._last_exit = self._cost_mark()
+            self.costs[index] = self._last_exit - before
         if self._tracing:
             self._trace_outputs(index, output)
         return output
@@ -430,6 +467,12 @@ class AsyncDiffStrategy(Strategy):
         if index == end - 1 and self.my_part < self.parts - 1:
             raise _PartDone()
         return output
+
+    def _cost_mark(self) -> int:
+        if self._counter is not None:
+            return self._counter.get_total_flops()
+        self._sync_device()
+        return time.perf_counter_ns()
 
     def _part_of(self, index: int) -> int:
         return bisect.bisect_right(self.bounds, index) - 1
@@ -476,12 +519,6 @@ class AsyncDiffStrategy(Strategy):
             else set()
         )
         self._producers, self._consumers, self._kept = {}, {}, {}
-
-    def _describe_part(self) -> None:
-        first, end = self.bounds[self.my_part], self.bounds[self.my_part + 1]
-        self.counters.part_blocks = self.names[first:end]
-        tail = self.tail_flops if self.my_part == self.parts - 1 else 0
-        self.counters.part_flops = sum(self.block_flops[first:end]) + tail
 
     # ---- moving the parts' outputs ------------------------------------------------------------
     def _sends(self) -> Iterator[tuple[int, Key]]:
@@ -534,12 +571,15 @@ def expected_traffic(
     world_size: int,
     prediction_bytes: int,
     boundary_bytes: list[list[int]],
+    blocks: int,
 ) -> list[dict[str, int]]:
     """Bytes each rank sends and receives in one job, from the algorithm alone.
 
     N = world_size - stride + 1 parts; `boundary_bytes[q][p]` is what part q hands to a rank running
     part p after each round (the boundary tensor for q = p - 1, skip tensors for q < p - 1).
     - After every warm-up step and every round but the last, rank 0 broadcasts a one-byte cancel flag.
+    - Where there is a step after warm-up, rank 0 broadcasts the costs of the `blocks` blocks and of
+      what follows them, as int64, once.
     - Each round of n steps: n prediction broadcasts, step s+e from extra rank N+e (e < n-1) and the
       last one from rank N-1. A broadcast counts one copy sent per receiver.
     - After every round but the last, rank q < N-1 sends boundary_bytes[q][p] to every rank of part p > q
@@ -550,12 +590,14 @@ def expected_traffic(
     if r == 1:
         return traffic
     schedule = rounds(total_steps, warmup, stride)
-    flags = min(warmup, total_steps - 1) + max(len(schedule) - 1, 0)
+    from_rank_0 = min(warmup, total_steps - 1) + max(len(schedule) - 1, 0)
+    if schedule:
+        from_rank_0 += 8 * (blocks + 1)
     for rank in range(r):
         if rank == 0:
-            traffic[rank]["bytes_sent"] += flags * (r - 1)
+            traffic[rank]["bytes_sent"] += from_rank_0 * (r - 1)
         else:
-            traffic[rank]["bytes_received"] += flags
+            traffic[rank]["bytes_received"] += from_rank_0
     for _, size in schedule:
         for position in range(size):
             source = n - 1 if position == size - 1 else n + position
