@@ -10,9 +10,11 @@ and the ranks are simulated one after another.
   devices is ParaStep with N ranks with that denoiser.
 - `fresh_reuse`: after every round but the last, every rank's cache becomes the prediction rank 0
   applied last (the spec, literally; at N = 2 that is rank 1's own prediction anyway).
-- `adaptive` (percent): warm-up steps go on, after at least W of them, until the relative L2 change
-  of the guided prediction from the previous step is below the threshold; the warm-up taken is
-  returned with the latent.
+- `adaptive` (percent): the loop is a schedule of sync steps (every rank computes the same step)
+  and parallel rounds. Each prediction rank 0 applies is compared with the one it applied before
+  (relative L2 of the guided predictions); after at least W sync steps, the next segment is a
+  round when the last change was below the threshold, else a sync step. The schedule, as
+  (first step, size, parallel) segments, is returned with the latent.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
 
 def parastep(
     rec: oracle.Recording, ranks: int, warmup: int, fresh_reuse: bool = False, adaptive: int = 0
-) -> tuple[torch.Tensor, int]:
-    """Rank 0's final latent under ParaStep with the given variants, and the warm-up it took."""
+) -> tuple[torch.Tensor, list[tuple[int, int, bool]]]:
+    """Rank 0's final latent under ParaStep with the given variants, and the schedule it ran."""
     total = rec.steps
     if ranks < 1 or not 0 <= warmup <= total:
         raise ValueError("bad ParaStep parameters")
@@ -70,22 +72,29 @@ def parastep(
         scheduler = copy.deepcopy(rec.scheduler)
         x = rec.x0.clone()
         caches: list[torch.Tensor | None] = [None] * ranks
-        previous: torch.Tensor | None = None
-        taken = 0
-        while taken < (total if adaptive else warmup):
-            i = taken
-            raw = oracle.denoise(rec, scheduler, x, i)
-            caches = [raw] * ranks
-            x = oracle.advance(rec, scheduler, raw, i, x)
-            taken += 1
-            if adaptive:
-                guided = oracle.guide(rec, raw).float()
-                change = None if previous is None else relative_change(guided, previous)
-                previous = guided
-                if taken >= warmup and change is not None and change * 100 < adaptive:
-                    break
-        s = taken
+        schedule: list[tuple[int, int, bool]] = []
+        applied: list[torch.Tensor] = []  # guided predictions rank 0 applied, in order
+
+        def apply(raw: torch.Tensor, index: int) -> torch.Tensor:
+            applied.append(oracle.guide(rec, raw).float())
+            return oracle.advance(rec, scheduler, raw, index, x)
+
+        def last_change() -> float | None:
+            return relative_change(applied[-1], applied[-2]) if len(applied) > 1 else None
+
+        s = 0
         while s < total:
+            parallel = ranks > 1 and s >= warmup
+            if parallel and adaptive:
+                change = last_change()
+                parallel = change is not None and change * 100 < adaptive
+            if not parallel:  # a sync step: every rank computes it; all caches become it
+                raw = oracle.denoise(rec, scheduler, x, s)
+                caches = [raw] * ranks
+                x = apply(raw, s)
+                schedule.append((s, 1, False))
+                s += 1
+                continue
             n = min(ranks, total - s)
             at_start = copy.deepcopy(scheduler)
             predictions = [oracle.denoise(rec, scheduler, x, s)]
@@ -97,11 +106,12 @@ def parastep(
                 caches[k] = oracle.denoise(rec, own, x_k, s + k)
                 predictions.append(caches[k])
             for j, prediction in enumerate(predictions):
-                x = oracle.advance(rec, scheduler, prediction, s + j, x)
+                x = apply(prediction, s + j)
+            schedule.append((s, n, True))
             s += n
-            if fresh_reuse and s < total:
+            if fresh_reuse:
                 caches = [predictions[-1]] * ranks
-        return x, taken
+        return x, schedule
 
 
 def guided_changes(rec: oracle.Recording) -> list[float]:

@@ -23,7 +23,13 @@ import torch.distributed as dist
 
 from engine.strategies.base import Peers
 from engine.strategies.cfg_parallel import CfgSplitCompute, refuse_without_guidance
-from engine.strategies.parastep import ParaStepStrategy, flag_count, round_traffic, rounds_of
+from engine.strategies.parastep import (
+    ParaStepStrategy,
+    Segment,
+    evaluations,
+    published_schedule,
+    round_traffic,
+)
 
 # World group object -> {ranks: subgroup}: created once per process, reused by every job.
 _SUBGROUPS: dict[int, dict[tuple[int, ...], Any]] = {}
@@ -73,24 +79,24 @@ def expected_traffic(
     prediction_bytes: int,
     latent_bytes: int,
     fresh_reuse: bool = False,
+    schedule: list[Segment] | None = None,
 ) -> list[dict[str, int]]:
     """Bytes each world rank sends and receives in one job, from the algorithm alone.
 
     World rank 2p + c: ParaStep rank p's `round_traffic` among N ranks (whole predictions, its
     half's latent broadcasts); half a prediction each way with its pair for each of its denoiser
-    evaluations (W warm-up steps plus the rounds whose size exceeds p); and world rank 0's one-byte
-    cancel flag after every warm-up step and every round but the last (every step but the last at
-    N = 1). With `adaptive`, `warmup` is the warm-up the job took.
+    evaluations (every sync step, and the rounds whose size exceeds p); and world rank 0's one-byte
+    cancel flag at the end of every segment but the last (every step but the last at N = 1).
+    `schedule`: the segments the job ran (with `adaptive`); by default W sync steps, then rounds.
     """
     n = world_size // 2
-    peer = round_traffic(total_steps, warmup, n, prediction_bytes, latent_bytes, fresh_reuse)
-    rounds = rounds_of(total_steps, warmup, n)
-    flags = flag_count(total_steps, warmup, n)
+    schedule = schedule if schedule is not None else published_schedule(total_steps, warmup, n)
+    peer = round_traffic(schedule, n, prediction_bytes, latent_bytes, fresh_reuse)
+    flags = len(schedule) - 1
     traffic = []
     for rank in range(world_size):
         p = rank // 2
-        evaluations = min(warmup, total_steps) + sum(1 for _, size in rounds if size > p)
-        gathered = evaluations * (prediction_bytes // 2)
+        gathered = evaluations(schedule, p) * (prediction_bytes // 2)
         traffic.append(
             {
                 "bytes_sent": peer[p]["bytes_sent"]

@@ -11,14 +11,17 @@ Only rank 0's trajectory is the output. With N = 1 this is exactly the sequentia
 Cancellation is agreed at the same points (a one-byte broadcast from rank 0), so that no rank is
 left waiting on a peer that stopped.
 
-Variants (options, off by default; docs/parastep-variants.md has the measurements):
+The loop is a schedule of segments: sync steps (every rank computes the same step, as in the
+warm-up) and parallel rounds. Published: W sync steps, then rounds. Variants (options, off by
+default; docs/parastep-variants.md has the measurements):
 
-- `fresh_reuse`: after every round but the last, rank 0 also broadcasts the last prediction it
+- `fresh_reuse`: after a round followed by another, rank 0 also broadcasts the last prediction it
   applied, and every rank reuses that one instead of its own older one (rank k's own is N-k steps
   older). At N = 2 rank 1's own prediction is already the freshest, so nothing more is sent.
-- `adaptive` (percent): the warm-up lasts at least W steps and goes on until the guided prediction
-  changed by less than this much (relative L2) from the previous step; rank 0 measures and decides,
-  and the decision rides on the cancel flag it broadcasts after every warm-up step.
+- `adaptive` (percent): rank 0 measures how much each prediction it applies changed from the
+  previous one (relative L2 of the guided predictions); after at least W sync steps, the next
+  segment is a parallel round when the last change was below the threshold, else a sync step.
+  The decision rides on the cancel flag rank 0 broadcasts at every segment end.
 
 The ParaStep ranks are `self.peers` (the world by default; `cfg-parastep` runs one ParaStep per
 CFG half over a subgroup), and every denoiser evaluation goes through `self.compute`, which a
@@ -28,11 +31,19 @@ subclass may replace (`cfg-parastep` computes one CFG half and gathers the other
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from engine.strategies.base import Strategy, StrategyOption, split_output
+
+
+class Segment(NamedTuple):
+    """Steps start .. start + size - 1: one sync step, or a parallel round."""
+
+    start: int
+    size: int
+    parallel: bool
 
 
 class ParaStepStrategy(Strategy):
@@ -50,8 +61,9 @@ class ParaStepStrategy(Strategy):
         ),
         StrategyOption(
             "adaptive",
-            "Percent, 0 = off: after the warm-up, keep warming up until the guided prediction changes "
-            "by less than this from one step to the next (relative L2).",
+            "Percent, 0 = off: after the warm-up, run a step on every rank (as in the warm-up) whenever "
+            "the guided prediction changed by this much or more from the previous step (relative L2), "
+            "and parallel rounds while it changes less.",
             0,
             0,
             100,
@@ -65,44 +77,53 @@ class ParaStepStrategy(Strategy):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         options = ctx.options
-        self.min_warmup = int(options["warmup"])
+        self.warmup = int(options["warmup"])
         self.fresh_reuse = bool(options.get("fresh_reuse", 0))
         self.adaptive_pct = int(options.get("adaptive", 0) or 0)
-        # Adaptive: warm up until rank 0 says the prediction is stable (then warmup = that step + 1).
-        self.warmup = ctx.total_steps if self.adaptive_pct else self.min_warmup
         self.cache: Any = None  # this rank's last own prediction (the whole denoiser output)
         self._pending_send = None
         self._freshest: torch.Tensor | None = None  # rank 0: the last prediction it applied
         self._guided: torch.Tensor | None = None  # rank 0, adaptive: the last guided prediction
         self._change: float | None = None  # its relative L2 change from the one before
+        self.schedule: list[Segment] = []  # begun at the first step, once a subclass has set its peers
 
-    def _position(self, step: int) -> tuple[int, int]:
-        """(round start s, position j of `step` in its round)."""
-        n = self.peers.size
-        start = self.warmup + ((step - self.warmup) // n) * n
-        return start, step - start
+    # ---- the schedule -----------------------------------------------------------------------------
+    def _segment(self) -> Segment:
+        if not self.schedule:
+            self._begin(0, self._parallel_next(0))
+        return self.schedule[-1]
 
-    def _round_ends(self, step: int) -> bool:
-        start, j = self._position(step)
-        return j == self.peers.size - 1 or step == self.ctx.total_steps - 1
+    def _begin(self, start: int, parallel: bool) -> None:
+        size = min(self.peers.size, self.ctx.total_steps - start) if parallel else 1
+        self.schedule.append(Segment(start, size, parallel))
 
+    def _parallel_next(self, start: int) -> bool:
+        """Whether the segment at `start` is a parallel round (rank 0 decides with `adaptive`)."""
+        if self.peers.size == 1 or start < self.warmup:
+            return False
+        if not self.adaptive_pct:
+            return True
+        return self._change is not None and self._change * 100 < self.adaptive_pct
+
+    # ---- the two interception points ------------------------------------------------------------
     def denoise(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
         rank, step = self.peers.rank, self.step
-        if self.peers.size == 1 or step < self.warmup:
+        start, _, parallel = self._segment()
+        j = step - start
+        if not parallel:
             self.cache = self.compute(forward, args, kwargs)
-            if self.adaptive_pct and self.ctx.rank == 0:
-                self._measure_change(self.cache)
+            self._applied(split_output(self.cache)[0])
             return self.cache
-        _, j = self._position(step)
         if rank == 0:
             if j == 0:
                 self.cache = self.compute(forward, args, kwargs)
-                self._freshest = split_output(self.cache)[0]
+                self._applied(split_output(self.cache)[0])
                 return self.cache
             prediction, rebuild = split_output(self.cache)
             self._action = "receive"
-            self._freshest = self.recv(prediction, src=j)
-            return rebuild(self._freshest)
+            received = self.recv(prediction, src=j)
+            self._applied(received)
+            return rebuild(received)
         if j == rank:
             self.cache = self.compute(forward, args, kwargs)
             self._pending_send = self.send(split_output(self.cache)[0], dst=0)
@@ -110,41 +131,40 @@ class ParaStepStrategy(Strategy):
         self._action = "reuse" if j < rank else "idle"
         return self.cache
 
-    def _measure_change(self, output: Any) -> None:
-        guided = self.ctx.adapter.guide(self.ctx.pipe, self.ctx.params, split_output(output)[0]).float()
-        if self._guided is not None:
-            self._change = float((guided - self._guided).norm() / self._guided.norm().clamp_min(1e-12))
-        self._guided = guided
-
-    def _warmup_may_end(self, step: int) -> bool:
-        """Rank 0, adaptive: the prediction of `step` changed little enough to start the rounds."""
-        return (
-            self.adaptive_pct > 0
-            and step + 1 >= self.min_warmup
-            and self._change is not None
-            and self._change * 100 < self.adaptive_pct
-        )
+    def _applied(self, prediction: torch.Tensor) -> None:
+        """Rank 0 keeps the prediction the loop applies now (and, adaptive, how much it changed)."""
+        if self.peers.rank != 0:
+            return
+        self._freshest = prediction
+        if self.adaptive_pct and self.ctx.rank == 0:
+            guided = self.ctx.adapter.guide(self.ctx.pipe, self.ctx.params, prediction).float()
+            if self._guided is not None:
+                self._change = float((guided - self._guided).norm() / self._guided.norm().clamp_min(1e-12))
+            self._guided = guided
 
     def after_step(self, latent: torch.Tensor) -> None:
-        step, last = self.step, self.ctx.total_steps - 1
+        step = self.step
+        start, size, parallel = self._segment()
+        if step < start + size - 1:
+            return  # inside a round: the ranks talk at its end
+        if step == self.ctx.total_steps - 1:
+            self.wait(self._pending_send)
+            self._pending_send = None
+            if self.ctx.world_size == 1:
+                super().after_step(latent)
+            return
         if self.ctx.world_size == 1:
             super().after_step(latent)
+            self._begin(step + 1, False)
             return
-        if step == last:
-            self.wait(self._pending_send)
-            self._pending_send = None
-            return
-        if self.peers.size == 1 or step < self.warmup:
-            ends = self.agree_on_cancel(self.ctx.rank == 0 and self._warmup_may_end(step))
-            if ends and self.peers.size > 1:
-                self.warmup = step + 1
-        elif self._round_ends(step):
-            self.wait(self._pending_send)
-            self._pending_send = None
-            self.agree_on_cancel()
+        self.wait(self._pending_send)
+        self._pending_send = None
+        next_parallel = self.agree_on_cancel(self.ctx.rank == 0 and self._parallel_next(step + 1))
+        if parallel:
             self.broadcast(latent)
-            if self.fresh_reuse and self.peers.size > 2:
+            if self.fresh_reuse and next_parallel and self.peers.size > 2:
                 self._share_freshest()
+        self._begin(step + 1, next_parallel)
 
     def _share_freshest(self) -> None:
         """Rank 0 broadcasts the round's last applied prediction; every rank reuses it from now on."""
@@ -155,44 +175,48 @@ class ParaStepStrategy(Strategy):
             self.cache = rebuild(fresh)
 
 
-def rounds_of(total_steps: int, warmup: int, width: int) -> list[tuple[int, int]]:
-    """(first step, size) of each round after the warm-up."""
-    return [(s, min(width, total_steps - s)) for s in range(warmup, total_steps, width)]
+# ---- traffic, from the algorithm alone ----------------------------------------------------------------
+def published_schedule(total_steps: int, warmup: int, width: int) -> list[Segment]:
+    """W sync steps, then rounds of `width` (every step a sync step when the width is 1)."""
+    if width == 1:
+        return [Segment(s, 1, False) for s in range(total_steps)]
+    sync = [Segment(s, 1, False) for s in range(min(warmup, total_steps))]
+    return sync + [Segment(s, min(width, total_steps - s), True) for s in range(warmup, total_steps, width)]
 
 
-def flag_count(total_steps: int, warmup: int, width: int) -> int:
-    """One-byte cancel flags rank 0 broadcasts in a job: after every warm-up step and every round
-    but the last (so after every step but the last when the width is 1)."""
-    rounds = rounds_of(total_steps, warmup, width)
-    return min(warmup, total_steps - 1) + max(len(rounds) - 1, 0)
+def evaluations(schedule: list[Segment], rank: int) -> int:
+    """Denoiser evaluations of ParaStep rank `rank`: every sync step, and the rounds it takes part in."""
+    return sum(1 for seg in map(Segment._make, schedule) if not seg.parallel or seg.size > rank)
 
 
 def round_traffic(
-    total_steps: int,
-    warmup: int,
-    ranks: int,
-    prediction_bytes: int,
-    latent_bytes: int,
-    fresh_reuse: bool = False,
+    schedule: list[Segment], ranks: int, prediction_bytes: int, latent_bytes: int, fresh_reuse: bool = False
 ) -> list[dict[str, int]]:
     """Bytes each ParaStep rank sends and receives in one job, cancel flags aside.
 
-    Per round (s, n): rank k in 1..n-1 sends one prediction to rank 0. After every round but the
-    last rank 0 broadcasts its latent and, with `fresh_reuse` and N > 2, the last prediction it
-    applied; a broadcast counts one copy sent per receiver.
+    In a round of size n, rank k in 1..n-1 sends one prediction to rank 0. After every round but a
+    final one, rank 0 broadcasts its latent and, with `fresh_reuse`, N > 2 and another round next,
+    the last prediction it applied; a broadcast counts one copy sent per receiver.
     """
     n = ranks
     traffic = [{"bytes_sent": 0, "bytes_received": 0} for _ in range(n)]
     if n == 1:
         return traffic
-    rounds = rounds_of(total_steps, warmup, n)
-    syncs = max(len(rounds) - 1, 0)
-    broadcast = syncs * (latent_bytes + (prediction_bytes if fresh_reuse and n > 2 else 0))
-    traffic[0]["bytes_sent"] = broadcast * (n - 1)
-    traffic[0]["bytes_received"] = sum(size - 1 for _, size in rounds) * prediction_bytes
-    for k in range(1, n):
-        traffic[k]["bytes_sent"] = sum(1 for _, size in rounds if size > k) * prediction_bytes
-        traffic[k]["bytes_received"] = broadcast
+    schedule = [Segment._make(seg) for seg in schedule]  # plain (start, size, parallel) tuples too
+    for index, seg in enumerate(schedule):
+        if not seg.parallel:
+            continue
+        for k in range(1, seg.size):
+            traffic[k]["bytes_sent"] += prediction_bytes
+            traffic[0]["bytes_received"] += prediction_bytes
+        if index == len(schedule) - 1:
+            continue
+        broadcast = latent_bytes
+        if fresh_reuse and n > 2 and schedule[index + 1].parallel:
+            broadcast += prediction_bytes
+        traffic[0]["bytes_sent"] += broadcast * (n - 1)
+        for k in range(1, n):
+            traffic[k]["bytes_received"] += broadcast
     return traffic
 
 
@@ -203,16 +227,19 @@ def expected_traffic(
     prediction_bytes: int,
     latent_bytes: int,
     fresh_reuse: bool = False,
+    schedule: list[Segment] | None = None,
 ) -> list[dict[str, int]]:
     """Bytes each rank sends and receives in one job, from the algorithm alone.
 
-    `round_traffic`, plus a one-byte cancel flag rank 0 broadcasts after every warm-up step and
-    every round but the last. With `adaptive`, `warmup` is the warm-up the job took.
+    `round_traffic`, plus a one-byte cancel flag rank 0 broadcasts at the end of every segment but
+    the last (after every warm-up step and every round but the last, as published). `schedule`:
+    the segments the job ran (with `adaptive`); by default `published_schedule`.
     """
-    traffic = round_traffic(total_steps, warmup, world_size, prediction_bytes, latent_bytes, fresh_reuse)
+    schedule = schedule if schedule is not None else published_schedule(total_steps, warmup, world_size)
+    traffic = round_traffic(schedule, world_size, prediction_bytes, latent_bytes, fresh_reuse)
     if world_size == 1:
         return traffic
-    flags = flag_count(total_steps, warmup, world_size)
+    flags = len(schedule) - 1
     traffic[0]["bytes_sent"] += flags * (world_size - 1)
     for k in range(1, world_size):
         traffic[k]["bytes_received"] += flags
