@@ -72,9 +72,21 @@ class Simulation:
     previous_next: dict[str, Any] = field(default_factory=dict)  # being recorded by an unsplit step
     shapes: dict[str, Any] = field(default_factory=dict)  # per layer, what the byte formula needs
 
+    sizes: list[int] = field(default_factory=list)  # the bands' rows in the latent
+
+    def bands(self, whole_rows: int) -> list[tuple[int, int]]:
+        """(start, stop) of every band in a layer of `whole_rows` rows (in the latent's proportion)."""
+        latent = sum(self.sizes)
+        edges = [whole_rows * sum(self.sizes[:k]) // latent for k in range(self.ranks + 1)]
+        return list(zip(edges[:-1], edges[1:], strict=True))
+
     def band(self, whole_rows: int) -> tuple[int, int]:
-        size = whole_rows // self.ranks
-        return self.rank * size, (self.rank + 1) * size
+        return self.bands(whole_rows)[self.rank]
+
+    def whole_rows(self, band_rows: int) -> int:
+        """The rows of a layer in which the simulated rank's band has `band_rows`."""
+        start, stop = self.band(sum(self.sizes))
+        return band_rows * sum(self.sizes) // (stop - start)
 
 
 # ---- attention --------------------------------------------------------------------------------------------
@@ -98,9 +110,13 @@ def _context(sim: Simulation, name: str, kv: torch.Tensor) -> torch.Tensor:
     sim.current.setdefault(name, [None] * sim.ranks)[sim.rank] = fresh
     whole = sim.previous[name].reshape(*lead, frames, rows, cols, dim).clone()
     whole[..., start:stop, :, :] = fresh
-    if sim.portion is not None:
-        used = min(stop - start, math.ceil(sim.portion * (stop - start) / 100))
-        whole = whole[..., max(0, start - used) : min(rows, stop + used), :, :]
+    if sim.portion is not None:  # the nearest `portion` percent of each neighbour band
+        bands = sim.bands(rows)
+        above = bands[sim.rank - 1] if sim.rank > 0 else (start, start)
+        below = bands[sim.rank + 1] if sim.rank + 1 < sim.ranks else (stop, stop)
+        used_above = math.ceil(sim.portion * (above[1] - above[0]) / 100)
+        used_below = math.ceil(sim.portion * (below[1] - below[0]) / 100)
+        whole = whole[..., start - used_above : stop + used_below, :, :]
     return whole.reshape(*lead, -1, dim)
 
 
@@ -111,11 +127,16 @@ class CogVideoXAttention:
     def __call__(
         self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None
     ):
-        assert attention_mask is None and image_rotary_emb is None  # the tiny model has neither
+        assert attention_mask is None
         text = encoder_hidden_states.size(1)
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         q, k, v = (_split_heads(attn, proj(joint)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         q, k = attn.norm_q(q), attn.norm_k(k)
+        if image_rotary_emb is not None:  # the band's rows of the whole table (sliced by the driver)
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            q = torch.cat([q[:, :, :text], apply_rotary_emb(q[:, :, text:], image_rotary_emb)], dim=2)
+            k = torch.cat([k[:, :, :text], apply_rotary_emb(k[:, :, text:], image_rotary_emb)], dim=2)
         video = _context(self.sim, self.name, torch.stack([k[:, :, text:], v[:, :, text:]]))
         k = torch.cat([k[:, :, :text], video[0]], dim=2)
         v = torch.cat([v[:, :, :text], video[1]], dim=2)
@@ -189,17 +210,17 @@ def norm_forward(sim: Simulation, name: str, module: torch.nn.GroupNorm):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if sim.rank is None:
-            rows = x.shape[-2] // sim.ranks
             sim.previous_next[name] = [
-                band_moments(x[..., k * rows : (k + 1) * rows, :], module.num_groups)
-                for k in range(sim.ranks)
+                band_moments(x[..., start:stop, :], module.num_groups)
+                for start, stop in sim.bands(x.shape[-2])
             ]
             sim.shapes[name] = ("stats", sim.previous_next[name][0])
             return stock(x)
         local = band_moments(x, module.num_groups)
         sim.current.setdefault(name, [None] * sim.ranks)[sim.rank] = local
         previous = sim.previous[name]
-        moments = sum(previous) / sim.ranks + local - previous[sim.rank]
+        weights = [size / sum(sim.sizes) for size in sim.sizes]  # each band's share of the elements
+        moments = sum(w * p for w, p in zip(weights, previous, strict=True)) + local - previous[sim.rank]
         var = moments[1] - moments[0] ** 2
         var = torch.where(var < 0, local[1] - local[0] ** 2, var)
         grouped = x.reshape(x.shape[0], module.num_groups, -1)
@@ -245,6 +266,12 @@ def patch_parallel(
     denoiser = rec.denoiser
     layers = row_mixing_layers(denoiser)
     sim = Simulation(ranks, portion)
+    # Bands of whole units of rows (the patch size; a UNet's total downsampling), as even as
+    # possible, the first bands one unit taller.
+    if type(denoiser).__name__ == "CogVideoXTransformer3DModel":
+        unit = denoiser.config.patch_size
+    else:
+        unit = 2 ** (len(denoiser.config.down_block_types) - 1)
     kinds = {name: kind for kind in ("attention", "conv", "norm") for name, _ in layers[kind]}
     transformer = type(denoiser).__name__ == "CogVideoXTransformer3DModel"
     first_conv = getattr(denoiser, "conv_in", None)
@@ -272,6 +299,8 @@ def patch_parallel(
         name = next(iter(bound.arguments))
         whole = bound.arguments[name]
         sim.whole_input = whole
+        units = whole.shape[-2] // unit
+        sim.sizes = [unit * (units // ranks + (k < units % ranks)) for k in range(ranks)]
         if transformer:
             patch = denoiser.config.patch_size
             sim.grid = (whole.shape[1], whole.shape[-2] // patch, whole.shape[-1] // patch)
@@ -281,10 +310,18 @@ def patch_parallel(
             sim.previous = sim.previous_next
             return output
         bands = []
-        rows = whole.shape[-2] // ranks
+        rotary = bound.arguments.get("image_rotary_emb")
         for rank in range(ranks):
             sim.rank = rank
-            bound.arguments[name] = whole[..., rank * rows : (rank + 1) * rows, :]
+            start, stop = sim.band(whole.shape[-2])
+            bound.arguments[name] = whole[..., start:stop, :]
+            if rotary is not None:  # [frames * rows * cols, d] tables: keep the band's rows
+                frames, grid_rows, cols = sim.grid
+                start, stop = sim.band(grid_rows)
+                bound.arguments["image_rotary_emb"] = tuple(
+                    t.reshape(frames, grid_rows, cols, -1)[:, start:stop].reshape(-1, t.shape[-1])
+                    for t in rotary
+                )
             bands.append(stock_forward(*bound.args, **bound.kwargs)[0])
         sim.previous = {key: _join(parts, kinds[key]) for key, parts in sim.current.items()}
         sim.current = {}
@@ -313,5 +350,5 @@ def patch_parallel(
 
 def _unet_grid(sim: Simulation, hidden: torch.Tensor) -> None:
     """A UNet transformer's tokens are its input's rows x cols (the whole grid's rows)."""
-    rows = hidden.shape[-2] * (1 if sim.rank is None else sim.ranks)
+    rows = hidden.shape[-2] if sim.rank is None else sim.whole_rows(hidden.shape[-2])
     sim.grid = (1, rows, hidden.shape[-1])

@@ -9,6 +9,7 @@ tests/test_strategies.py checks that the sequential engine reproduces it).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -29,8 +30,12 @@ WARMUP = 2
 PORTION = 50
 SEED = 1234
 
-# Latent rows: CogVideoX 8 (4 patch rows), SVD 8, AudioLDM2 48 time frames (one downsampler, so
-# bands split at 2-row granularity: 24 rows at N=2, 16 at N=3).
+# Latent rows: CogVideoX 8 (4 units of a 2-row patch: bands 4+4), SVD 8 (unit 1: 4+4), AudioLDM2 50
+# time frames (one downsampler: 25 units of 2 rows, bands 26+24 at N=2 and 18+16+16 at N=3, so
+# unequal bands are tested too). The engine and the reference run
+# CogVideoX as a copy of the tiny model with rotary position embeddings (as CogVideoX-5b), so that
+# their slicing is tested too; the shipped sincos layout differs only inside the patch embedding,
+# which runs on the whole input.
 REQUESTS = {
     "cogvideox": dict(
         model="tiny-cogvideox",
@@ -42,7 +47,7 @@ REQUESTS = {
         guidance_scale=6.0,
     ),
     "svd": dict(model="tiny-svd", frames=4, height=64, width=96, fps=7, guidance_scale=3.0),
-    "audioldm2": dict(model="tiny-audioldm2", prompt="a dog barking", seconds=1.92, guidance_scale=3.5),
+    "audioldm2": dict(model="tiny-audioldm2", prompt="a dog barking", seconds=2.0, guidance_scale=3.5),
 }
 FAMILIES = list(REQUESTS)
 
@@ -67,11 +72,32 @@ TOLERANCE = 1e-5
 DISTINCT = 5
 
 
-def request(family: str, strategy: str, ranks: int, options: dict, image: str) -> GenerationRequest:
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    """family -> model folder; CogVideoX as a rotary-embedding copy of the tiny model."""
+    folders = {family: str(EMBEDDED_MODELS_DIR / values["model"]) for family, values in REQUESTS.items()}
+    source = EMBEDDED_MODELS_DIR / "tiny-cogvideox"
+    target = tmp_path_factory.mktemp("models") / "tiny-cogvideox-rotary"
+    (target / "transformer").mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "transformer":
+            (target / item.name).symlink_to(item)
+    config = json.loads((source / "transformer" / "config.json").read_text())
+    config["use_rotary_positional_embeddings"] = True
+    (target / "transformer" / "config.json").write_text(json.dumps(config))
+    weights = "diffusion_pytorch_model.safetensors"
+    (target / "transformer" / weights).symlink_to(source / "transformer" / weights)
+    return {**folders, "cogvideox": str(target)}
+
+
+def request(
+    family: str, strategy: str, ranks: int, options: dict, image: str, models: dict | None = None
+) -> GenerationRequest:
     extra = {"image": image} if family == "svd" else {}
+    if models is not None:
+        extra["model"] = models[family]
     return GenerationRequest(
-        **REQUESTS[family],
-        **extra,
+        **{**REQUESTS[family], **extra},
         seed=SEED,
         steps=STEPS,
         strategy=strategy,
@@ -81,14 +107,16 @@ def request(family: str, strategy: str, ranks: int, options: dict, image: str) -
 
 
 @pytest.fixture(scope="module")
-def engine_runs(shared_engine, conditioning_image):
+def engine_runs(shared_engine, conditioning_image, models):
     cache: dict[tuple[str, str], object] = {}
 
     def get(family: str, name: str):
         if (family, name) not in cache:
             runs = RUNS_3 if name in RUNS_3 else RUNS
             for run_name, (strategy, ranks, options) in runs.items():
-                plan = shared_engine.plan(request(family, strategy, ranks, options, conditioning_image))
+                plan = shared_engine.plan(
+                    request(family, strategy, ranks, options, conditioning_image, models)
+                )
                 try:
                     cache[family, run_name] = shared_engine.run(plan, previews=False)
                 except Exception as error:  # kept, and raised by the tests that use this run
@@ -102,14 +130,16 @@ def engine_runs(shared_engine, conditioning_image):
 
 
 @pytest.fixture(scope="module")
-def references(conditioning_image):
+def references(conditioning_image, models):
     cache: dict[str, dict] = {}
 
     def get(family: str) -> dict:
         if family not in cache:
             params = {**REQUESTS[family], "seed": SEED, "steps": STEPS, "image": conditioning_image}
-            pipe = oracle.load_pipeline(EMBEDDED_MODELS_DIR / REQUESTS[family]["model"])
+            pipe = oracle.load_pipeline(models[family])
             rec = oracle.record(family, pipe, params)
+            if family == "cogvideox":  # the copy's loop passes rotary tables, which the bands slice
+                assert rec.call_kwargs.get("image_rotary_emb") is not None
             simulate = oracle_patch_parallel.patch_parallel
             distrifusion, shapes = simulate(rec, 2, WARMUP)
             cache[family] = {
@@ -153,7 +183,9 @@ def test_reference_is_approximate_and_pcpp_100_is_distrifusion(family, reference
     assert_distinct(ref["distrifusion"], ref["stock"], f"{family} reference distrifusion vs stock")
     assert not np.array_equal(ref["pcpp"], ref["distrifusion"])
     if family != "audioldm2":  # the tiny AudioLDM2 attends in its mid block only: a small effect there
-        assert_distinct(ref["pcpp"], ref["distrifusion"], f"{family} reference pcpp {PORTION}% vs distrifusion")
+        assert_distinct(
+            ref["pcpp"], ref["distrifusion"], f"{family} reference pcpp {PORTION}% vs distrifusion"
+        )
     # Two bands: the whole neighbour is the whole rest of the image.
     assert np.array_equal(ref["pcpp-100"], ref["distrifusion"])
 
@@ -198,21 +230,34 @@ def layer_shapes(recorded: dict) -> list[LayerShape]:
     return layers
 
 
+UNIT = {"cogvideox": 2, "svd": 1, "audioldm2": 2}  # patch size; 2 ** (UNet downsamplers)
+
+
+def units(family: str, latent_rows: int, ranks: int) -> list[int]:
+    """Units of rows per band: as even as possible, the first bands one unit more."""
+    total = latent_rows // UNIT[family]
+    return [total // ranks + (k < total % ranks) for k in range(ranks)]
+
+
+def traffic_of(family: str, name: str, result, layers: list[LayerShape]) -> list[dict]:
+    strategy, ranks, options = {**RUNS, **RUNS_3}[name]
+    latent = result.latents
+    rows = latent.shape[-2]
+    # CFG doubles the denoiser batch: the gathered output is twice the latent (float32).
+    output = LayerShape("output", rows=rows, row_bytes=2 * (latent.size // rows) * 4)
+    bands = units(family, rows, ranks)
+    if strategy == "pcpp":
+        return pcpp_traffic(STEPS, options["warmup"], bands, layers, output, options["portion"])
+    return expected_traffic(STEPS, options["warmup"], bands, layers, output)
+
+
 @pytest.mark.parametrize("name", list(RUNS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_counters_equal_the_formula(family, name, engine_runs, references):
-    strategy, ranks, options = RUNS[name]
     result = engine_runs(family, name)
-    layers = layer_shapes(references(family)["shapes"])
-    # CFG doubles the denoiser batch: the gathered output is twice the latent.
-    output_bytes = 2 * result.latents.size * 4
-    if strategy == "pcpp":
-        traffic = pcpp_traffic(STEPS, options["warmup"], ranks, layers, output_bytes, options["portion"])
-    else:
-        traffic = expected_traffic(STEPS, options["warmup"], ranks, layers, output_bytes)
-    counted = [{k: c[k] for k in ("bytes_sent", "bytes_received")} for c in result.ranks]
-    assert counted == traffic
-    assert [c["denoiser_calls"] for c in result.ranks] == [STEPS] * ranks
+    traffic = traffic_of(family, name, result, layer_shapes(references(family)["shapes"]))
+    assert [{k: c[k] for k in ("bytes_sent", "bytes_received")} for c in result.ranks] == traffic
+    assert [c["denoiser_calls"] for c in result.ranks] == [STEPS] * 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -226,11 +271,8 @@ def test_pcpp_sends_less(family, engine_runs):
 def test_three_rank_counters(engine_runs, references):
     layers = layer_shapes(references("audioldm2")["shapes"])
     for name in RUNS_3:
-        strategy, ranks, options = RUNS_3[name]
         result = engine_runs("audioldm2", name)
-        output_bytes = 2 * result.latents.size * 4
-        portion = options.get("portion")
-        traffic = expected_traffic(STEPS, options["warmup"], ranks, layers, output_bytes, portion=portion)
+        traffic = traffic_of("audioldm2", name, result, layers)
         assert [{k: c[k] for k in traffic[0]} for c in result.ranks] == traffic
     # The middle rank talks to two neighbours: it sends more than the edge ranks.
     sent = [c["bytes_sent"] for c in engine_runs("audioldm2", "pcpp-3").ranks]
@@ -239,37 +281,45 @@ def test_three_rank_counters(engine_runs, references):
 
 def test_formula_by_hand():
     """One kv layer of 8 rows of 10 bytes, one 3x3 halo layer of 4 rows of 3 bytes, one 16-byte
-    stats layer; T = 3, W = 1, N = 2, output 40 bytes."""
+    stats layer; T = 3, W = 1, two equal bands, output 2 rows of 20 bytes."""
     layers = [
         LayerShape("kv", 8, 10),
         LayerShape("halo", 4, 3, top=1, bottom=1),
         LayerShape("stats", nbytes=16),
     ]
+    output = LayerShape("output", 2, 20)
     # 2 exchanges (steps 0 and 1; the last starts none): kv 4 rows * 10 = 40, halo 1 row * 3 = 3,
-    # stats 16, per exchange; output 20 bytes per step; 2 cancel flags.
+    # stats 16, per exchange; output 1 row (20 bytes) per step; 2 cancel flags.
     per_rank = 2 * (40 + 3 + 16) + 3 * 20
-    assert expected_traffic(3, 1, 2, layers, 40) == [
+    assert expected_traffic(3, 1, [1, 1], layers, output) == [
         {"bytes_sent": per_rank + 2, "bytes_received": per_rank},
         {"bytes_sent": per_rank, "bytes_received": per_rank + 2},
     ]
     # PCPP 50%: the exchange after warm-up carries 2 of the neighbour's 4 kv rows (20 bytes, not 40).
-    assert pcpp_traffic(3, 1, 2, layers, 40, 50)[1]["bytes_sent"] == per_rank - 20
+    assert pcpp_traffic(3, 1, [1, 1], layers, output, 50)[1]["bytes_sent"] == per_rank - 20
+    # Bands of 2 units and 1: a 6-row kv layer splits 4 + 2 rows, the 3-row output 2 + 1. The
+    # all-gather pads the short band to 4 rows (40 bytes); the output to 2 rows (2 bytes).
+    kv, output = [LayerShape("kv", 6, 10)], LayerShape("output", 3, 1)
+    assert expected_traffic(2, 2, [2, 1], kv, output)[1]["bytes_sent"] == 2 * 40 + 2 * 2
+    # PCPP 50%: after warm-up the tall band sends 2 of its 4 rows down, the short one 1 of its 2 up.
+    partial = pcpp_traffic(3, 1, [2, 1], kv, output, 50)
+    assert partial[0]["bytes_sent"] - partial[1]["bytes_sent"] == (20 - 10) + 2  # and rank 0's 2 flags
 
 
 # ---- refusals -----------------------------------------------------------------------------------------
-def test_refuses_a_height_that_does_not_split(shared_engine):
-    plan = request("cogvideox", "distrifusion", 3, {"warmup": 1}, "")
-    with pytest.raises(UserError, match="8 rows, which do not split into 3 equal bands") as error:
-        shared_engine.plan(plan)
-    assert "--height 96" in error.value.fix
+def test_refuses_fewer_bands_than_devices(shared_engine):
+    plan = dataclasses.replace(request("cogvideox", "distrifusion", 2, {"warmup": 1}, ""), height=16)
+    with pytest.raises(UserError, match="2 rows: fewer than 2 bands of 2 rows") as error:
+        shared_engine.plan(plan)  # one patch row: nothing to split
+    assert "--height 32" in error.value.fix
 
 
 def test_refuses_an_audio_length_that_does_not_split(shared_engine):
     plan = request("audioldm2", "pcpp", 2, {"warmup": 1}, "")
-    plan = dataclasses.replace(plan, seconds=1.0)  # 25 time frames
-    with pytest.raises(UserError, match="25 time frames") as error:
+    plan = dataclasses.replace(plan, seconds=1.0)  # 25 time frames, one downsampler
+    with pytest.raises(UserError, match="25 time frames: not a multiple of 2") as error:
         shared_engine.plan(plan)
-    assert "--seconds" in error.value.fix
+    assert "--seconds 1.040" in error.value.fix
 
 
 def test_refuses_a_portion_over_100(shared_engine):

@@ -35,7 +35,7 @@ from diffusers.hooks import HookRegistry
 
 from engine.errors import JobCancelled, UserError
 from engine.strategies.base import Strategy, StrategyOption, denoiser_of, split_output
-from engine.strategies.patch_comm import BandComm, BandRun
+from engine.strategies.patch_comm import BandComm, BandRun, split_units
 from engine.strategies.patch_layers import (
     BandCogVideoXProcessor,
     BandPatchEmbed,
@@ -202,20 +202,21 @@ class DistriFusionStrategy(Strategy):
         name = next(iter(bound.arguments))
         sample = bound.arguments[name]
         rows = sample.shape[-2]
-        if rows % (world * self._unit):
+        if rows % self._unit or rows // self._unit < world:  # checked at plan time already
             raise UserError(
-                f"{rows} latent rows do not split into {world} equal bands of multiples of {self._unit}.",
+                f"{rows} latent rows do not split into {world} bands of multiples of {self._unit}.",
                 "Pick a height (or audio length) whose latent rows divide evenly, or fewer devices.",
             )
-        band = rows // world
+        run.units = split_units(rows // self._unit, world)
+        sizes = [units * self._unit for units in run.units]
         run.full_input = sample
-        bound.arguments[name] = sample.narrow(-2, rank * band, band)
+        bound.arguments[name] = sample.narrow(-2, sum(sizes[:rank]), sizes[rank])
         if self._patch is not None:
-            self._band_tokens(bound, sample, band)
+            self._band_tokens(bound, sample, sizes[rank])
         output = self._timed(forward, bound)
         run.full_input = None
         prediction, rebuild = split_output(output)
-        parts, _ = run.comm.all_gather(prediction, wait=True)
+        parts = run.comm.all_gather(prediction, rows=sizes).result()
         return rebuild(torch.cat(parts, dim=-2))
 
     def _band_tokens(self, bound: inspect.BoundArguments, sample: torch.Tensor, band: int) -> None:
@@ -226,7 +227,7 @@ class DistriFusionStrategy(Strategy):
         self.run.grid = (frames, rows, cols)
         rotary = bound.arguments.get("image_rotary_emb")
         if rotary is not None:
-            start = self.ctx.rank * rows
+            start = self.run.band_start(rows)
             bound.arguments["image_rotary_emb"] = tuple(
                 token_rows(table, frames, cols, start, start + rows) for table in rotary
             )
@@ -291,22 +292,21 @@ class BandGeometry:
     per_row: float  # request units (pixels or seconds) per latent row
 
     def check(self, ranks: int) -> None:
-        step = ranks * self.unit
-        if self.rows % step == 0:
+        """Bands are whole units of rows, at least one per rank."""
+        if self.rows % self.unit == 0 and self.rows // self.unit >= ranks:
             return
-        good = max(step, math.ceil(self.rows / step) * step)
-        value = (
-            f"--height {int(good * self.per_row)}"
-            if self.what == "height"
-            else f"--seconds {good * self.per_row:.3f}"
-        )
-        fix = f"Use {value}, or a number of devices that divides {self.rows // self.unit}."
-        axis = "rows" if self.what == "height" else "time frames"
-        raise UserError(
-            f"The latent has {self.rows} {axis}, which do not split into {ranks} equal bands of a "
-            f"multiple of {self.unit} (patch parallelism splits at {self.unit}-row granularity).",
-            fix,
-        )
+        good = max(ranks, math.ceil(self.rows / self.unit)) * self.unit
+        if self.what == "height":
+            value, axis = f"--height {int(good * self.per_row)}", "rows"
+        else:
+            value, axis = f"--seconds {good * self.per_row:.3f}", "time frames"
+        if self.rows % self.unit:
+            problem = f"not a multiple of {self.unit}, so bands cannot stay whole through every downsampling"
+            fix = f"Use {value}."
+        else:
+            problem = f"fewer than {ranks} bands of {self.unit} rows"
+            fix = f"Use {value}, or at most {self.rows // self.unit} devices."
+        raise UserError(f"The latent has {self.rows} {axis}: {problem}.", fix)
 
 
 def band_geometry(entry: Any, request: Any) -> BandGeometry:
@@ -334,7 +334,8 @@ class LayerShape:
 
     kv: `rows` token rows of `row_bytes` keys+values each (every frame, column, sample and head);
     halo: a convolution input of `rows` rows of `row_bytes`, reading `top`/`bottom` rows beyond a band;
-    stats: a GroupNorm whose statistics tensor is `nbytes`.
+    stats: a GroupNorm whose statistics tensor is `nbytes`;
+    output: the denoiser's output, `rows` rows of `row_bytes`.
     """
 
     kind: str
@@ -346,54 +347,67 @@ class LayerShape:
 
 
 def edge_rows(portion: int, band_rows: int) -> int:
-    """PCPP: rows of a neighbour's band that condition this band (at least one for any portion > 0)."""
+    """PCPP: rows of a neighbour band of `band_rows` rows that condition a band (at least one for
+    any portion > 0)."""
     return min(band_rows, -(-portion * band_rows // 100))
 
 
 def expected_traffic(
     total_steps: int,
     warmup: int,
-    world_size: int,
+    units: list[int],
     layers: list[LayerShape],
-    output_bytes: int,
+    output: LayerShape,
     portion: int | None = None,
 ) -> list[dict[str, int]]:
     """Bytes each rank sends and receives in one job, from the algorithm and the layer shapes.
 
+    `units`: the bands' units of rows (split_units), one entry per rank; in a layer of R rows band k
+    has R * units[k] / sum(units) rows. An all-gather sends the band padded to the tallest band to
+    each of the N-1 others and receives as much from each.
     Every layer exchanges at each warm-up step (synchronously) and at each later step but the last
     (started there, used at the next step): T - 1 exchanges, or T when every step is warm-up.
-    - kv (DistriFusion): an all-gather of the band's keys/values: (N-1) bands sent and received.
-      kv (PCPP, `portion` given): warm-up as DistriFusion; later, the nearest edge_rows(portion, band)
-      rows to each neighbour and from each.
+    - kv (DistriFusion): an all-gather of the band's keys/values.
+      kv (PCPP, `portion` given): warm-up as DistriFusion; later, edge_rows(portion, own rows) rows
+      to each neighbour, and edge_rows(portion, neighbour rows) rows from each.
     - halo: `bottom` rows to the rank above and `top` rows to the rank below; received: `top` rows
       from above and `bottom` from below (the denoiser's first convolution exchanges nothing and is
       not listed).
     - stats: an all-gather of the statistics.
-    Each step also all-gathers the output bands ((N-1)/N of the output each way), and after every
-    step but the last rank 0 broadcasts a one-byte cancel flag (one copy per receiver).
+    Every step all-gathers the output bands, and after every step but the last rank 0 broadcasts a
+    one-byte cancel flag (one copy per receiver).
     """
-    n, t = world_size, total_steps
+    n, t, total = len(units), total_steps, sum(units)
     traffic = [{"bytes_sent": 0, "bytes_received": 0} for _ in range(n)]
     if n == 1:
         return traffic
     warm = min(warmup, t)
     exchanges = t if warm >= t else t - 1
     later = exchanges - warm
+
+    def bands(layer: LayerShape) -> list[int]:
+        return [layer.rows * u // total for u in units]
+
+    def gathered(layer: LayerShape) -> int:
+        return (n - 1) * max(bands(layer)) * layer.row_bytes
+
     for rank, counts in enumerate(traffic):
-        neighbours = (rank > 0, rank < n - 1)
-        sent = received = (n - 1) * (output_bytes // n) * t
+        neighbours = [k for k in (rank - 1, rank + 1) if 0 <= k < n]
+        sent = received = t * gathered(output)
         for layer in layers:
-            if layer.kind == "kv":
-                band = layer.rows // n
-                gathered = (n - 1) * band * layer.row_bytes
-                if portion is None:
-                    both = exchanges * gathered
-                else:
-                    edges = edge_rows(portion, band) * layer.row_bytes * sum(neighbours)
-                    both = warm * gathered + later * edges
-                sent, received = sent + both, received + both
+            if layer.kind == "kv" and portion is not None:
+                rows = bands(layer)
+                sent += (
+                    warm * gathered(layer)
+                    + later * len(neighbours) * edge_rows(portion, rows[rank]) * layer.row_bytes
+                )
+                received += warm * gathered(layer) + later * sum(
+                    edge_rows(portion, rows[k]) * layer.row_bytes for k in neighbours
+                )
+            elif layer.kind == "kv":
+                sent, received = sent + exchanges * gathered(layer), received + exchanges * gathered(layer)
             elif layer.kind == "halo":
-                above, below = neighbours
+                above, below = rank > 0, rank < n - 1
                 sent += exchanges * (above * layer.bottom + below * layer.top) * layer.row_bytes
                 received += exchanges * (above * layer.top + below * layer.bottom) * layer.row_bytes
             elif layer.kind == "stats":

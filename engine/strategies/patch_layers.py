@@ -14,7 +14,8 @@ ranks through an exchange object (sync in warm-up steps, stale after; see patch_
 
 Convolutions and GroupNorms are wrapped with diffusers `ModelHook`s. Tokens are ordered frame,
 then row, then column; a `grid` (frames, rows, columns) says how, so that bands are joined row-wise
-in every frame and the joined keys/values are in the unsplit model's order.
+in every frame and the joined keys/values are in the unsplit model's order. Bands may differ in
+height by one unit of rows (patch_comm); every rank knows every band's rows from the units.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
 from engine.errors import UserError
-from engine.strategies.patch_comm import BandRun
+from engine.strategies.patch_comm import BandRun, Pending
 
 # ---- token rows -----------------------------------------------------------------------------------
 
@@ -38,16 +39,6 @@ def token_rows(tokens: torch.Tensor, frames: int, cols: int, start: int, stop: i
     return grid[..., start:stop, :, :].reshape(*lead, -1, dim)
 
 
-def join_rows(parts: list[torch.Tensor], frames: int, cols: int) -> torch.Tensor:
-    """Bands of tokens stacked row-wise in every frame: the tokens of the band they make up together."""
-    parts = [part for part in parts if part is not None and part.numel() > 0]
-    if len(parts) == 1:
-        return parts[0]
-    *lead, _, dim = parts[0].shape
-    grids = [p.reshape(*lead, frames, p.shape[-2] // (frames * cols), cols, dim) for p in parts]
-    return torch.cat(grids, dim=-3).reshape(*lead, -1, dim)
-
-
 # ---- exchanges --------------------------------------------------------------------------------------
 
 
@@ -57,17 +48,14 @@ class Exchange:
     def __init__(self, run: BandRun, index: int) -> None:
         self.run = run
         self.tag = 2 * index  # point-to-point tags: tag and tag + 1, unique per layer
-        self._incoming: Any = None
-        self._works: list[Any] = []
+        self._pending: Pending | None = None
         run.layers.append(self)
 
     def finish_pending(self) -> None:
         """Waits for the transfer started at the previous step and keeps what it brought."""
-        if self._works:
-            self.run.comm.wait(self._works)
-            self._works = []
-            self.arrived(self._incoming)
-            self._incoming = None
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.arrived(pending.result())
 
     def arrived(self, incoming: Any) -> None:
         raise NotImplementedError
@@ -76,7 +64,10 @@ class Exchange:
 class StaleKV(Exchange):
     """DistriFusion's self-attention context: every band's keys/values, this rank's fresh and the
     others' from the previous step, refreshed by an all-gather started now and waited for when
-    this layer runs at the next step. In warm-up steps every band's are fresh."""
+    this layer runs at the next step. In warm-up steps every band's are fresh.
+
+    Keys/values travel as a grid [2, B, heads, frames, rows, cols, d] and are joined row-wise in
+    every frame, so the context is in the unsplit model's token order."""
 
     def __init__(self, run: BandRun, index: int) -> None:
         super().__init__(run, index)
@@ -84,31 +75,37 @@ class StaleKV(Exchange):
 
     def __call__(self, kv: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """kv [2, B, heads, band tokens, d] (keys, values) -> the context's keys/values."""
-        frames, _, cols = grid
+        frames, rows, cols = grid
+        *lead, _, dim = kv.shape
+        kv = kv.reshape(*lead, frames, rows, cols, dim)
         if self.run.sync:
-            parts, _ = self.run.comm.all_gather(kv, wait=True)
-            self.remember(parts, grid)
+            parts = self.gather(kv).result()
+            self.remember(parts)
             parts[self.run.rank] = kv
-            return join_rows(parts, frames, cols)
-        self.finish_pending()
-        context = self.stale_context(kv, grid)
-        if self.run.post:
-            self._incoming, self._works = self.start(kv, grid)
-        return context
+            context = torch.cat(parts, dim=-3)
+        else:
+            self.finish_pending()
+            context = self.stale_context(kv)
+            if self.run.post:
+                self._pending = self.start(kv)
+        return context.reshape(*lead, -1, dim)
 
-    def remember(self, parts: list[torch.Tensor], grid: tuple[int, int, int]) -> None:
+    def gather(self, kv: torch.Tensor) -> Pending:
+        return self.run.comm.all_gather(kv, rows=self.run.band_rows(kv.shape[-3]), dim=-3)
+
+    def remember(self, parts: list[torch.Tensor]) -> None:
         self.stale = parts
 
     def arrived(self, incoming: Any) -> None:
         self.stale = incoming
 
-    def stale_context(self, kv: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def stale_context(self, kv: torch.Tensor) -> torch.Tensor:
         parts = list(self.stale)
         parts[self.run.rank] = kv
-        return join_rows(parts, grid[0], grid[2])
+        return torch.cat(parts, dim=-3)
 
-    def start(self, kv: torch.Tensor, grid: tuple[int, int, int]) -> tuple[Any, list[Any]]:
-        return self.run.comm.all_gather(kv, wait=False)
+    def start(self, kv: torch.Tensor) -> Pending:
+        return self.gather(kv)
 
 
 class HaloRows(Exchange):
@@ -125,14 +122,13 @@ class HaloRows(Exchange):
         first = x[..., : self.bottom, :]  # what the rank above reads below its band
         last = x[..., rows - self.top :, :]  # what the rank below reads above its band
         if self.run.sync:
-            above, below, _ = self.run.comm.swap_edges(first, last, self.tag, wait=True)
+            above, below = self.run.comm.swap_edges(first, last, self.tag).result()
             self.halos = (above, below)
         else:
             self.finish_pending()
             above, below = self.halos
             if self.run.post:
-                *incoming, self._works = self.run.comm.swap_edges(first, last, self.tag, wait=False)
-                self._incoming = tuple(incoming)
+                self._pending = self.run.comm.swap_edges(first, last, self.tag)
         if above is None:  # the image's top edge (or no rows above are read)
             above = x.new_zeros(*x.shape[:-2], self.top, x.shape[-1])
         if below is None:
@@ -145,8 +141,9 @@ class HaloRows(Exchange):
 
 class StaleStats(Exchange):
     """GroupNorm statistics (E[x], E[x^2] per sample and group) of the whole tensor. Warm-up: the
-    mean of every band's fresh statistics. After: the previous step's global statistics plus this
-    band's fresh minus its previous statistics (DistriFusion's corrected asynchronous GroupNorm)."""
+    bands' fresh statistics weighted by their sizes. After: the previous step's global statistics
+    plus this band's fresh minus its previous statistics (DistriFusion's corrected asynchronous
+    GroupNorm)."""
 
     def __init__(self, run: BandRun, index: int) -> None:
         super().__init__(run, index)
@@ -154,15 +151,17 @@ class StaleStats(Exchange):
 
     def __call__(self, local: torch.Tensor) -> torch.Tensor:
         if self.run.sync:
-            parts, _ = self.run.comm.all_gather(local, wait=True)
-            self.stale = parts
-            return torch.stack(parts).mean(dim=0)
+            self.stale = self.run.comm.all_gather(local).result()
+            return self.whole(self.stale)
         self.finish_pending()
-        stale = self.stale
-        moments = torch.stack(stale).mean(dim=0) + (local - stale[self.run.rank])
+        moments = self.whole(self.stale) + (local - self.stale[self.run.rank])
         if self.run.post:
-            self._incoming, self._works = self.run.comm.all_gather(local, wait=False)
+            self._pending = self.run.comm.all_gather(local)
         return moments
+
+    def whole(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        total = sum(self.run.units)
+        return sum(part * (units / total) for part, units in zip(parts, self.run.units, strict=True))
 
     def arrived(self, incoming: Any) -> None:
         self.stale = incoming
@@ -318,7 +317,7 @@ class HaloConv(ModelHook):
                 f"{type(module).__name__} does not read the denoiser's input directly.",
                 "Use another strategy for this model.",
             )
-        rows, start = x.shape[-2], self.run.rank * x.shape[-2]
+        rows, start = x.shape[-2], self.run.band_start(x.shape[-2])
         padded = F.pad(whole, (0, 0, top, bottom))  # zero rows beyond the image, as the padding
         above = padded[..., start : start + top, :]
         below = padded[..., start + top + rows : start + top + rows + bottom, :]
@@ -363,6 +362,6 @@ class BandPatchEmbed(ModelHook):
         embeds = self.fn_ref.original_forward(text_embeds, self.run.full_input)
         text = text_embeds.shape[1]
         frames, rows, cols = self.run.grid
-        start = self.run.rank * rows
+        start = self.run.band_start(rows)
         band = token_rows(embeds[:, text:], frames, cols, start, start + rows)
         return torch.cat([embeds[:, :text], band], dim=1)

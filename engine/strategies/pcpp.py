@@ -19,42 +19,49 @@ from engine.errors import UserError
 from engine.strategies.base import StrategyOption
 from engine.strategies.distrifusion import DistriFusionStrategy, LayerShape, edge_rows
 from engine.strategies.distrifusion import expected_traffic as distrifusion_traffic
-from engine.strategies.patch_comm import BandRun
-from engine.strategies.patch_layers import StaleKV, join_rows, token_rows
+from engine.strategies.patch_comm import BandRun, Pending
+from engine.strategies.patch_layers import StaleKV
 
 PUBLISHED_PORTION = 30  # percent; the published code's default (0.3)
 
 
 class NeighbourKV(StaleKV):
-    """Keys/values of this band (fresh) and the nearest rows of the neighbouring bands (stale)."""
+    """Keys/values of this band (fresh) and the nearest rows of the neighbouring bands (stale).
+    Keys/values are grids [2, B, heads, frames, rows, cols, d]; rows are dimension -3."""
 
     def __init__(self, run: BandRun, index: int, portion: int) -> None:
         super().__init__(run, index)
         self.portion = portion
         self.edges: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
-    def remember(self, parts: list[torch.Tensor], grid: tuple[int, int, int]) -> None:
+    def remember(self, parts: list[torch.Tensor]) -> None:
         """Warm-up: keep only the neighbours' rows the first stale step uses."""
-        frames, rows, cols = grid
-        used, rank = edge_rows(self.portion, rows), self.run.rank
-        above = token_rows(parts[rank - 1], frames, cols, rows - used, rows) if self.run.has_upper else None
-        below = token_rows(parts[rank + 1], frames, cols, 0, used) if self.run.has_lower else None
+        rank, above, below = self.run.rank, None, None
+        if self.run.has_upper:
+            rows = parts[rank - 1].shape[-3]
+            above = parts[rank - 1][..., rows - edge_rows(self.portion, rows) :, :, :]
+        if self.run.has_lower:
+            below = parts[rank + 1][..., : edge_rows(self.portion, parts[rank + 1].shape[-3]), :, :]
         self.edges = (above, below)
 
     def arrived(self, incoming: Any) -> None:
         self.edges = incoming
 
-    def stale_context(self, kv: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def stale_context(self, kv: torch.Tensor) -> torch.Tensor:
         above, below = self.edges
-        return join_rows([above, kv, below], grid[0], grid[2])
+        return torch.cat([part for part in (above, kv, below) if part is not None], dim=-3)
 
-    def start(self, kv: torch.Tensor, grid: tuple[int, int, int]) -> tuple[Any, list[Any]]:
-        frames, rows, cols = grid
+    def start(self, kv: torch.Tensor) -> Pending:
+        rows = kv.shape[-3]
         used = edge_rows(self.portion, rows)
-        first = token_rows(kv, frames, cols, 0, used)  # what the rank above conditions on
-        last = token_rows(kv, frames, cols, rows - used, rows)  # what the rank below conditions on
-        above, below, works = self.run.comm.swap_edges(first, last, self.tag, wait=False)
-        return (above, below), works
+        bands, rank = self.run.band_rows(rows), self.run.rank
+
+        def buffer(neighbour: int) -> torch.Tensor:  # what that neighbour sends: its nearest rows
+            count = edge_rows(self.portion, bands[neighbour]) if 0 <= neighbour < len(bands) else 0
+            return kv.new_empty(*kv.shape[:-3], count, *kv.shape[-2:])
+
+        first, last = kv[..., :used, :, :], kv[..., rows - used :, :, :]  # for the rank above / below
+        return self.run.comm.swap_edges(first, last, self.tag, buffer(rank - 1), buffer(rank + 1))
 
 
 class PCPPStrategy(DistriFusionStrategy):
@@ -91,7 +98,12 @@ class PCPPStrategy(DistriFusionStrategy):
 
 
 def expected_traffic(
-    total_steps: int, warmup: int, world_size: int, layers: list[LayerShape], output_bytes: int, portion: int
+    total_steps: int,
+    warmup: int,
+    units: list[int],
+    layers: list[LayerShape],
+    output: LayerShape,
+    portion: int,
 ) -> list[dict[str, int]]:
     """DistriFusion's traffic with the keys/values after warm-up cut to the neighbours' edge rows."""
-    return distrifusion_traffic(total_steps, warmup, world_size, layers, output_bytes, portion=portion)
+    return distrifusion_traffic(total_steps, warmup, units, layers, output, portion=portion)
