@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from engine.catalog import ModelEntry
-from engine.errors import UserError
-from engine.protocol import GenerationRequest
+from engine.errors import JobCancelled, UserError
+from engine.protocol import GenerationRequest, StepEvent
 from engine.strategies.distrifusion import DistriFusionStrategy, LayerShape, expected_traffic
 from engine.strategies.pcpp import PCPPStrategy
 from engine.strategies.pcpp import expected_traffic as pcpp_traffic
@@ -204,6 +204,28 @@ def test_engine_matches_the_reference(family, name, engine_runs, references):
 def test_three_ranks_match_the_reference(name, engine_runs, references):
     ref = references("audioldm2")
     assert_close(engine_runs("audioldm2", name).latents, ref[name], f"audioldm2 {name}")
+
+
+def test_cancel_stops_every_rank_and_the_next_job_is_unaffected(shared_engine, engine_runs, models):
+    """On the warm three-rank group: exchanges are in flight at every step boundary; all ranks
+    stop at the same step after a cancel, and the next job on the group reproduces its result."""
+    before = engine_runs("audioldm2", "pcpp-3").latents
+    strategy, ranks, options = RUNS_3["pcpp-3"]
+    plan = shared_engine.plan(request("audioldm2", strategy, ranks, options, "", models))
+    long = shared_engine.plan(dataclasses.replace(plan.request, steps=40))
+    steps: dict[int, list[int]] = {}
+
+    def on_event(event):
+        if isinstance(event, StepEvent):
+            steps.setdefault(event.rank, []).append(event.step)
+            if event.rank == 0 and event.step == WARMUP + 2:
+                shared_engine.cancel()
+
+    with pytest.raises(JobCancelled):
+        shared_engine.run(long, on_event, previews=False)
+    assert max(steps[0]) < 20
+    assert shared_engine.group is not None and shared_engine.group.alive()
+    assert np.array_equal(shared_engine.run(plan, previews=False).latents, before)
 
 
 @pytest.mark.parametrize("name", ["distrifusion-all-warmup", "pcpp-all-warmup"])

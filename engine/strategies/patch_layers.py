@@ -326,7 +326,8 @@ class HaloConv(ModelHook):
 
 class CorrectedGroupNorm(ModelHook):
     """GroupNorm on a band with the statistics of the whole tensor (see StaleStats). Moments are
-    taken in float32 per band and combined in float64, so the warm-up matches the unsplit norm."""
+    taken in float32 per band and combined in float64, so the warm-up matches the unsplit norm;
+    half-precision inputs are normalised in float32, as GroupNorm's own kernels do."""
 
     def __init__(self, run: BandRun, stats: StaleStats) -> None:
         super().__init__()
@@ -334,16 +335,16 @@ class CorrectedGroupNorm(ModelHook):
 
     def new_forward(self, module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         batch, channels = x.shape[:2]
-        grouped = x.reshape(batch, module.num_groups, -1)
-        var, mean = torch.var_mean(grouped.float(), dim=-1, unbiased=False)
+        grouped = x.reshape(batch, module.num_groups, -1).float()  # as GroupNorm's own kernels
+        var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
         mean, var = mean.double(), var.double()
         moments = self.stats(torch.stack([mean, var + mean * mean]))
         global_mean = moments[0]
         global_var = moments[1] - global_mean * global_mean
         global_var = torch.where(global_var < 0, var, global_var)  # a correction can overshoot
         scale = torch.rsqrt(global_var + module.eps)
-        out = (grouped - global_mean[..., None].to(x.dtype)) * scale[..., None].to(x.dtype)
-        out = out.reshape(x.shape)
+        out = (grouped - global_mean[..., None].float()) * scale[..., None].float()
+        out = out.reshape(x.shape).to(x.dtype)
         if module.affine:
             shape = (1, channels) + (1,) * (x.ndim - 2)
             out = out * module.weight.view(shape) + module.bias.view(shape)
