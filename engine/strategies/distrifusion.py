@@ -1,7 +1,9 @@
 """DistriFusion (Li et al. 2024): patch parallelism with stale activations.
 
-The latent is split into N equal bands of rows (the rows of every video frame; for AudioLDM2 the
-mel latent's time axis, which is its row axis [B, C, time, mel bins]). Rank k runs the whole
+The latent is split into N bands of rows (the rows of every video frame; for AudioLDM2 the mel
+latent's time axis, which is its row axis [B, C, time, mel bins]). Bands are whole units of rows
+(CogVideoX's patch size; 2 ** the UNet's downsamplings, so they stay whole at every resolution),
+as even as possible; sizes that do not split so are refused at plan time. Rank k runs the whole
 denoiser on band k; the layers that read other rows get them from the other ranks (patch_layers):
 self-attention keys/values (all-gathered), halo rows of 3x3 convolutions (from the two neighbours),
 GroupNorm statistics (all-gathered); cross-attention and per-token layers need nothing.

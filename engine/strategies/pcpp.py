@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from engine.errors import UserError
 from engine.strategies.base import StrategyOption
 from engine.strategies.distrifusion import DistriFusionStrategy, LayerShape, edge_rows
 from engine.strategies.distrifusion import expected_traffic as distrifusion_traffic
@@ -76,18 +75,10 @@ class PCPPStrategy(DistriFusionStrategy):
             "portion",
             "Percent of each neighbouring band's rows a band's self-attention sees after warm-up (100: all).",
             PUBLISHED_PORTION,
-            0,
+            minimum=0,
+            maximum=100,
         ),
     )
-
-    @classmethod
-    def check_request(cls, request: Any, adapter: Any, ranks: int) -> None:
-        portion = request.strategy_options.get("portion", PUBLISHED_PORTION)
-        if portion > 100:
-            raise UserError(
-                f"Option 'portion' of 'pcpp' is {portion}; it is a percent of a neighbour band, at most 100.",
-                "Set --portion from 0 to 100.",
-            )
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
