@@ -296,8 +296,8 @@ class AsyncDiffStrategy(Strategy):
 
     # ---- installation -------------------------------------------------------------------------
     def install(self, pipe: Any) -> None:
+        named = denoiser_blocks(denoiser_of(pipe))  # before any hook: it refuses unknown denoisers
         super().install(pipe)
-        named = denoiser_blocks(denoiser_of(pipe))
         self.names = [name for name, _ in named]
         self.blocks = [block for _, block in named]
         for index, block in enumerate(self.blocks):
