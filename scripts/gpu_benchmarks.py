@@ -371,8 +371,12 @@ def decode_variants(pipe: Any, plan: Any, latents: Any, timer: Timer) -> list[di
         options += [("tiling", ("tiling",)), ("slicing + tiling", ("slicing", "tiling"))]
     rows = []
     for label, enabled in options:
-        for option in enabled:
-            getattr(vae, f"enable_{option}")()
+        try:
+            for option in enabled:
+                getattr(vae, f"enable_{option}")()
+        except NotImplementedError:  # AutoencoderKLTemporalDecoder has the methods but no slicing or tiling
+            rows.append({"option": label, "unsupported": type(vae).__name__})
+            continue
         try:
             timer.reset_peak()
             start = timer.now()
@@ -381,7 +385,8 @@ def decode_variants(pipe: Any, plan: Any, latents: Any, timer: Timer) -> list[di
             rows.append({"option": label, "seconds": timer.now() - start, "peak_bytes": timer.peak_bytes()})
         finally:
             for option in enabled:
-                getattr(vae, f"disable_{option}")()
+                with contextlib.suppress(NotImplementedError):
+                    getattr(vae, f"disable_{option}")()
             free_memory()
     return rows
 
@@ -519,6 +524,8 @@ def through_engine(request: Any, dtype: str, devices: str, results: dict[str, An
                 candidates.append((name, {}))
         for name, options in candidates:
             label = name + "".join(f" {k}={v}" for k, v in options.items())
+            if name == "parastep":
+                label = "parastep N=1 (must equal sequential)"
             with section(results, f"engine-{label}"):
                 try:
                     plan = engine.plan(request_for(name, **options))
@@ -617,6 +624,9 @@ def markdown(name: str, results: dict[str, Any], label: str) -> list[str]:
                 f"**{preview['share'] * 100:.2f}%** |"
             )
         for row in results.get("decode", []):
+            if "unsupported" in row:
+                out.append(f"| decode, VAE {row['option']} | not supported by {row['unsupported']} |")
+                continue
             out.append(
                 f"| decode, VAE {row['option']} | {row['seconds']:.2f} s, peak {gb(row['peak_bytes'])} |"
             )
