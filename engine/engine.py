@@ -6,7 +6,6 @@ Headless (no Qt). The CLI uses it in-process; the window talks to it in a backgr
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from engine.devices import format_devices, parse_devices
 from engine.errors import JobCancelled, UserError, WorkerFailure
 from engine.loading import check_weights
 from engine.models import FamilyAdapter, adapter_for
+from engine.pending_decode import decode_command
 from engine.protocol import GenerationRequest, StageEvent
 from engine.strategies import strategy_class
 from engine.worker import Job
@@ -220,12 +220,9 @@ class Engine:
         except UserError as exc:
             if result.pending is None:
                 raise
-            command = f"parastep-studio decode {shlex.quote(str(result.pending))}"
-            if request.output:  # the recorded output is not trusted by `decode`: name it explicitly
-                command += f" --output {shlex.quote(request.output)}"
             raise UserError(
                 f"{exc.problem} The generated latents are kept in {result.pending}.",
-                f"{exc.fix} Then run `{command}` to save the clip.",
+                f"{exc.fix} Then run `{decode_command(result.pending, request)}` to save the clip.",
             ) from None
         result.discard_pending()
         result.timings["total_s"] += time.perf_counter() - start

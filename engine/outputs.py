@@ -770,7 +770,14 @@ def export_clip(source: str | Path, target: str | Path) -> Path:
     source = Path(source).expanduser()
     request = read_request(source)  # also checks that this is one of our clips
     sidecar = sidecar_path(source)
-    metadata = _load_json_file(sidecar) if sidecar.is_file() else {"request": request.to_dict()}
+    metadata = build_metadata(request, timings={}, ranks=[])  # when the sidecar is lost or damaged
+    if sidecar.is_file():
+        try:
+            data = _load_json_file(sidecar)
+            if _request_from_sidecar(data, sidecar) == request:  # not a hand-edited copy
+                metadata = data
+        except UserError:
+            pass
     metadata = {**metadata, "exported_from": str(source)}
     modality = "audio" if source.suffix.lower().lstrip(".") in EXTENSIONS["audio"] else "video"
     target = plan_output(str(target), modality, source.stem)

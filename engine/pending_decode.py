@@ -26,6 +26,17 @@ def pending_dir() -> Path:
     return default_state_dir() / "pending"
 
 
+def decode_command(pending: Path, request: GenerationRequest) -> str:
+    """The command that finishes a kept run. `decode` trusts no path read from the latents file
+    (engine.output_policy), so a run that chose its output names it explicitly."""
+    import shlex
+
+    command = f"parastep-studio decode {shlex.quote(str(pending))}"
+    if request.output:
+        command += f" --output {shlex.quote(request.output)}"
+    return command
+
+
 def save_pending(latents: Any, request: GenerationRequest, model_path: Path, job_id: str) -> Path:
     """Writes the latents (safetensors, with the request in its metadata) atomically."""
     from safetensors.torch import save_file

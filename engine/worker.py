@@ -18,7 +18,7 @@ from typing import Any
 
 from engine.catalog import ModelEntry
 from engine.errors import JobCancelled, UserError
-from engine.pending_decode import decode_with_fallback, save_pending
+from engine.pending_decode import decode_command, decode_with_fallback, save_pending
 from engine.protocol import GenerationRequest, LogEvent, PreviewEvent, StageEvent, StepEvent
 
 # Tests: "STEP" (every rank) or "STEP@RANK": the first job of each such worker process runs out of
@@ -217,12 +217,12 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
                 raise UserError(
                     f"Out of memory decoding on {spec.device}, also with VAE tiling and on the CPU. "
                     f"The final latents are kept in {pending}.",
-                    f"Free memory, then run `parastep-studio decode {pending}`.",
+                    f"Free memory, then run `{decode_command(pending, request)}`.",
                 ) from None
             except Exception as exc:
                 raise UserError(
                     f"Decoding failed ({_describe(exc)}). The final latents are kept in {pending}.",
-                    f"Run `parastep-studio decode {pending}` once the cause is fixed.",
+                    f"Run `{decode_command(pending, request)}` once the cause is fixed.",
                 ) from None
     timings["decode_s"] = time.perf_counter() - decode_start
     payload.update(

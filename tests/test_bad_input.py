@@ -629,3 +629,11 @@ def test_after_all_that_the_engine_still_runs_a_good_job(server, _output_dir):
     clip = Path(finished["result"]["output"])
     assert clip.parent == _output_dir and iio.imread(clip, index=None).shape[:3] == (9, 64, 96)
     assert read_request(clip).steps == 2
+
+
+def test_export_carries_the_embedded_settings_not_an_edited_sidecar(tmp_path, _output_dir):
+    clip = Ctx(tmp_path, _output_dir).sidecar(_set("request.seed", "x")).with_suffix(".gif")
+    assert read_request(clip).seed == 0  # the sidecar is damaged; the copy embedded in the GIF is not
+    exported = export_clip(clip, tmp_path / "again.mp4")
+    sidecar = json.loads(exported.with_suffix(".json").read_text())
+    assert sidecar["request"]["seed"] == 0 and read_request(exported) == read_request(clip)
