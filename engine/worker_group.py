@@ -204,8 +204,8 @@ class WorkerGroup:
                 return self.results.get(timeout=POLL_S)
             except queue.Empty:
                 pass
-            if deadline is not None and time.monotonic() > deadline:
-                return None
+            # A dead worker before the deadline: callers poll with short deadlines (e.g. the load
+            # loop, which also watches for a cancel), so a death must not wait for a long one.
             dead = [(r, p) for r, p in enumerate(self.processes) if not p.is_alive()]
             if dead:
                 try:  # a last message may still be in flight (e.g. the error that made it exit)
@@ -219,3 +219,5 @@ class WorkerGroup:
                     f"(exit code {process.exitcode}). The worker group was stopped; "
                     "the next job starts a new one."
                 )
+            if deadline is not None and time.monotonic() > deadline:
+                return None
