@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import UserError
-from engine.protocol import GenerationRequest
+from engine.errors import JobCancelled, UserError
+from engine.protocol import GenerationRequest, StepEvent
 from engine.strategies.asyncdiff import AsyncDiffStrategy, balanced_split, expected_traffic, rounds
 from engine.strategies.base import JobContext
 from resources import EMBEDDED_MODELS_DIR
@@ -170,6 +170,27 @@ def test_reference_with_every_step_warm_is_the_stock_loop(references):
     ref = references("audioldm2")
     whole = oracle_asyncdiff.asyncdiff(ref["rec"], [0, 3, len(ref["names"])], warmup=STEPS, stride=1)
     assert np.array_equal(whole.numpy(), ref["stock"])
+
+
+def test_cancel_leaves_the_group_usable(shared_engine, engine_runs, conditioning_image):
+    """Cancelled after warm-up, when parts' outputs are in flight between rounds: every rank stops at
+    the same round end, no send is left unmatched, and the next job on the group is unchanged."""
+    before = engine_runs("svd", "n2")  # svd runs last: its cpu:2 group is warm
+    long = dataclasses.replace(request("svd", "n2", conditioning_image), steps=30)
+    seen = []
+
+    def on_event(event):
+        if isinstance(event, StepEvent):
+            seen.append(event)
+            if event.rank == 0 and event.step == 4:
+                shared_engine.cancel()
+
+    with pytest.raises(JobCancelled):
+        shared_engine.run(shared_engine.plan(long), on_event, previews=False)
+    assert max(e.step for e in seen) < 29
+    assert shared_engine.group is not None and shared_engine.group.alive()
+    again = shared_engine.run(shared_engine.plan(request("svd", "n2", conditioning_image)), previews=False)
+    assert np.array_equal(again.latents, before.latents)
 
 
 # ---- counters ----------------------------------------------------------------------------------------
