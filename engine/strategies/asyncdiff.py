@@ -224,6 +224,7 @@ class AsyncDiffStrategy(Strategy):
             "operations (the same split every run).",
             1,
             0,
+            1,
         ),
     )
     min_devices = 1
@@ -247,11 +248,6 @@ class AsyncDiffStrategy(Strategy):
 
     @classmethod
     def check_request(cls, request: Any, adapter: Any, ranks: int) -> None:
-        if request.strategy_options.get("balance", 1) not in (0, 1):
-            raise UserError(
-                f"Option 'balance' of 'asyncdiff' is {request.strategy_options['balance']}; it is 0 or 1.",
-                "Use --balance 1 (measured block times) or --balance 0 (counted operations).",
-            )
         stride = int(request.strategy_options.get("stride", 1))
         if stride > ranks:
             raise UserError(
