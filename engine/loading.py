@@ -111,6 +111,8 @@ def load_pipeline(entry: ModelEntry, device: str, dtype: Any) -> Any:
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
+    from engine.models import adapter_for
+
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -118,6 +120,7 @@ def load_pipeline(entry: ModelEntry, device: str, dtype: Any) -> Any:
             warnings.simplefilter("ignore", FutureWarning)  # `torch_dtype` is renamed in newer diffusers
             pipe = DiffusionPipeline.from_pretrained(
                 str(entry.path),
+                **adapter_for(entry).component_overrides(entry, dtype),
                 local_files_only=True,
                 # safetensors only, unless the user allowed pickle for this folder (then preferred)
                 use_safetensors=None if pickle_allowed(entry) else True,

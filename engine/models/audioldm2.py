@@ -8,7 +8,7 @@ import numpy as np
 
 from engine.catalog import ModelEntry
 from engine.errors import UserError
-from engine.loading import component_config
+from engine.loading import component_config, pickle_allowed
 from engine.models.base import FamilyAdapter
 from engine.protocol import GenerationRequest
 
@@ -28,6 +28,24 @@ class AudioLDM2Adapter(FamilyAdapter):
         vae = component_config(entry, "vae")
         hop = np.prod(vocoder["upsample_rates"]) / vocoder["sampling_rate"]
         return float(hop * 2 ** (len(vae["block_out_channels"]) - 1))
+
+    def component_overrides(self, entry: ModelEntry, dtype: Any) -> dict[str, Any]:
+        """cvssp/audioldm2* name `GPT2Model` as the language model; the pipeline generates with it,
+        which needs the generation mixin of `GPT2LMHeadModel` (same weights, tied head)."""
+        import json
+
+        index = json.loads((entry.path / "model_index.json").read_text())
+        if index.get("language_model", [None, None])[1] != "GPT2Model":
+            return {}
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(
+            str(entry.path / "language_model"),
+            local_files_only=True,
+            use_safetensors=None if pickle_allowed(entry) else True,
+            dtype=dtype,
+        )
+        return {"language_model": model}
 
     def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
         shortest = self.min_seconds(entry)

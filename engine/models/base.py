@@ -44,7 +44,9 @@ class FamilyAdapter:
                 "Set --guidance-scale from 0 to 100.",
             )
         if not 0 <= resolved.seed < 2**63:
-            raise UserError(f"'seed' is {resolved.seed}; it must be from 0 to 2**63-1.", "Set --seed in range.")
+            raise UserError(
+                f"'seed' is {resolved.seed}; it must be from 0 to 2**63-1.", "Set --seed in range."
+            )
         self.check(resolved, entry)
         return resolved
 
@@ -64,6 +66,11 @@ class FamilyAdapter:
         return max(1, round(self.published_warmup * steps / self.published_steps))
 
     # ---- worker side --------------------------------------------------------------------------
+    def component_overrides(self, entry: ModelEntry, dtype: Any) -> dict[str, Any]:
+        """Components to load in place of what model_index.json names (published checkpoints whose
+        index no longer matches the installed libraries)."""
+        return {}
+
     def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         raise NotImplementedError
 
