@@ -91,6 +91,9 @@ def bench_model(engine: Engine, model: str, args: argparse.Namespace, folder: Pa
                 specs.append((name, devices))
             except UserError as exc:
                 refused.append({"strategy": name, "devices": devices, "reason": str(exc)})
+    if any(name == "cache-mag" for name, _ in specs):  # it needs recorded ratios: one full-cost run
+        calibrate = dataclasses.replace(request, strategy="cache-mag", strategy_options={"calibrate": 1})
+        engine.run(engine.plan(calibrate), previews=False).discard_pending()
     report = compare(engine, request, specs, save=False)
     return {"model": model, "family": entry.family, "rows": report["rows"], "refused": refused}
 
