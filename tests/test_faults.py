@@ -145,7 +145,7 @@ def test_cancel_during_decode_saves_nothing_and_keeps_nothing(engine, _output_di
     _next_job_runs(engine)
 
 
-def test_cancel_during_encode_stops_at_the_first_agreed_step(engine):
+def test_cancel_during_encode_stops_at_the_first_step(engine):
     steps = []
 
     def on_event(event) -> None:
@@ -154,12 +154,12 @@ def test_cancel_during_encode_stops_at_the_first_agreed_step(engine):
         elif isinstance(event, StepEvent):
             steps.append(event.step)
 
-    plan = engine.plan(GenerationRequest(**LONG))
+    plan = engine.plan(GenerationRequest(**{**REQUEST, "steps": 40}))
     with pytest.raises(JobCancelled):
         engine.run(plan, on_event)
-    assert max(steps, default=0) < 5  # of 40: the ranks agree at every warm-up step and round end
+    assert max(steps, default=0) < 3  # of 40: checked after every step (parastep: every agreed round)
     assert engine.group is not None and engine.group.alive()
-    _next_job_runs(engine, strategy="parastep", devices="cpu:2")
+    _next_job_runs(engine)
 
 
 def test_out_of_memory_on_one_rank_fails_the_job_without_a_hang(engine, monkeypatch):
