@@ -118,7 +118,9 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
     device = torch.device(spec.device)
     marks: dict[str, float] = {}
     renderer = (
-        PreviewRenderer(adapter, pipe, request, spec.entry.path) if rank == 0 and job.previews else None
+        PreviewRenderer(adapter, pipe, request, spec.entry.path, fit_in_loop=spec.world_size == 1)
+        if rank == 0 and job.previews
+        else None
     )
 
     def emit(event: Any) -> None:
@@ -144,8 +146,9 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
             )
         )
         if renderer and report.pred_original_sample is not None and renderer.due(report.step, request.steps):
-            images, indices = renderer.render(report.pred_original_sample)
-            emit(PreviewEvent(job.job_id, report.step, request.steps, images, indices))
+            rendered = renderer.render(report.pred_original_sample)
+            if rendered is not None:
+                emit(PreviewEvent(job.job_id, report.step, request.steps, *rendered))
 
     ctx = JobContext(
         rank=rank,
@@ -225,6 +228,12 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
                     f"Run `{decode_command(pending, request)}` once the cause is fixed.",
                 ) from None
     timings["decode_s"] = time.perf_counter() - decode_start
+    if renderer is not None and latents is not None:
+        try:
+            with torch.inference_mode():
+                renderer.learn(latents)  # previews for the next run of a model with no map yet
+        except Exception as exc:  # previews are a nicety: never fail a finished clip over them
+            emit(LogEvent(job.job_id, f"preview map not fitted: {_describe(exc)}"))
     payload.update(
         output=output,
         rate=adapter.output_rate(pipe, request),
