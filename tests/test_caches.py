@@ -100,8 +100,8 @@ def cache_runs(shared_engine, conditioning_image):
                     if cancels and isinstance(event, StepEvent) and event.step == CANCEL_AT:
                         shared_engine.cancel()
 
-                plan = shared_engine.plan(request(family, strategy, options, conditioning_image))
-                try:
+                try:  # an uncalibrated MagCache is refused at plan time
+                    plan = shared_engine.plan(request(family, strategy, options, conditioning_image))
                     result = shared_engine.run(plan, sink, previews=False)
                     steps = [e for e in events if isinstance(e, StepEvent)]
                     done[family][run_name] = SimpleNamespace(result=result, steps=steps)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from engine.client import EngineClient, EngineError
 from engine.protocol import PROTOCOL_VERSION
+from engine.strategies import STRATEGIES
 from engine.wire import HEADER, MAX_MESSAGE_BYTES
 from tests.conftest import KEPT_PROCESSES, REPO
 
@@ -171,10 +172,14 @@ def test_catalog_lists_models_strategies_and_devices(engine_process):
     names = {model["name"] for model in catalog["models"]}
     assert {"tiny-cogvideox", "tiny-svd", "tiny-audioldm2"} <= names
     strategies = {s["name"]: s for s in catalog["strategies"]}
-    assert set(strategies) == {"sequential", "parastep", "batchstep"}
+    assert set(strategies) == set(STRATEGIES)
     assert strategies["parastep"]["max_devices"] is None and strategies["sequential"]["max_devices"] == 1
     warmup = next(o for o in strategies["parastep"]["options"] if o["name"] == "warmup")
-    assert set(warmup) == {"name", "help", "default", "minimum"}
+    assert set(warmup) == {"name", "help", "default", "minimum", "maximum"}
+    assert strategies["parastep"]["ideal"]["width_from"] == "ranks"
+    # Per model, what a strategy cannot run, with the reason (the window greys these out).
+    assert "tiny-svd" in strategies["cache-fbc"]["unavailable"]
+    assert "tiny-cogvideox" not in strategies["cache-fbc"]["unavailable"]
     assert any(device["id"] == "cpu" for device in catalog["devices"])
 
 

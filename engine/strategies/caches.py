@@ -473,6 +473,17 @@ class MagCacheStrategy(CacheStrategy):
                 f"--retention is {options['retention']}%; at most 100.", "Use --retention 0 to 100."
             )
 
+    @classmethod
+    def check_model_request(cls, request: Any, entry: Any, ranks: int) -> None:
+        """Refuses at plan time, from config files, a run with no recorded ratios (the worker checks
+        again against the loaded pipeline)."""
+        if request.strategy_options.get("calibrate", 0):
+            return
+        config = entry.path / "scheduler" / "scheduler_config.json"
+        scheduler = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
+        if not ratios_file_for(entry.path, denoiser_class_name(entry.path) or "", scheduler).is_file():
+            raise UserError(*_no_ratios(scheduler))
+
     def __init__(self, ctx: JobContext) -> None:
         super().__init__(ctx)
         self.calibrating = bool(ctx.options.get("calibrate", 0))
@@ -487,12 +498,7 @@ class MagCacheStrategy(CacheStrategy):
         try:
             self.ratios = json.loads(self.ratios_file.read_text())["ratios"]
         except (OSError, ValueError, KeyError):
-            raise UserError(
-                f"MagCache needs this model's magnitude ratios ({type(pipe.scheduler).__name__}); none are "
-                "recorded yet.",
-                "Run it once with --calibrate 1 (a full-cost run that records them), then run cache-mag "
-                "again.",
-            ) from None
+            raise UserError(*_no_ratios(type(pipe.scheduler).__name__)) from None
 
     def make_config(self, denoiser: torch.nn.Module) -> Any:
         steps = self.ctx.total_steps
@@ -527,6 +533,13 @@ class MagCacheStrategy(CacheStrategy):
 
 
 # ---- MagCache calibrations ---------------------------------------------------------------------------
+def _no_ratios(scheduler: str) -> tuple[str, str]:
+    return (
+        f"MagCache needs this model's magnitude ratios ({scheduler}); none are recorded yet.",
+        "Run it once with --calibrate 1 (a full-cost run that records them), then run cache-mag again.",
+    )
+
+
 def ratios_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "parastep-studio" / "mag-ratios"
@@ -534,8 +547,12 @@ def ratios_dir() -> Path:
 
 def ratios_file(pipe: Any) -> Path:
     """One calibration per model folder, denoiser and scheduler."""
-    model = str(Path(getattr(pipe, "name_or_path", None) or "unknown").expanduser().resolve())
-    key = "|".join((model, type(denoiser_of(pipe)).__name__, type(pipe.scheduler).__name__))
+    model = getattr(pipe, "name_or_path", None) or "unknown"
+    return ratios_file_for(model, type(denoiser_of(pipe)).__name__, type(pipe.scheduler).__name__)
+
+
+def ratios_file_for(model: str | Path, denoiser: str, scheduler: str) -> Path:
+    key = "|".join((str(Path(model).expanduser().resolve()), denoiser, scheduler))
     return ratios_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
