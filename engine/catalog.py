@@ -21,6 +21,7 @@ FAMILIES = {
     "AudioLDM2Pipeline": "audioldm2",
 }
 STUDIO_FILE = "studio.json"  # optional: family claim and defaults of an embedded model
+DEFAULT_MODEL = "shapes"  # the trained embedded model: listed first, so the window starts on it
 
 
 @dataclass
@@ -109,7 +110,8 @@ class ModelCatalog:
 
     def entries(self) -> list[ModelEntry]:
         found: list[ModelEntry] = []
-        for folder in sorted(EMBEDDED_MODELS_DIR.glob("*/model_index.json")):
+        embedded = sorted(EMBEDDED_MODELS_DIR.glob("*/model_index.json"))
+        for folder in sorted(embedded, key=lambda index: index.parent.name != DEFAULT_MODEL):
             found.append(read_entry(folder.parent, source="embedded"))
         for folder in self.extra_folders:
             try:

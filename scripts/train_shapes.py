@@ -11,7 +11,7 @@ random T5 encoder over a word-level tokenizer built here. The text goes through 
 sees what inference sees. The result is saved with ``CogVideoXPipeline.save_pretrained`` (safetensors)
 plus ``studio.json`` and the preview factors; loss curves go to ``docs/``.
 
-Everything is seeded; two CPU threads; the default step counts take about an hour on 2 cores.
+Everything is seeded. The default step counts were sized for a 2-core machine shared with other jobs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -46,6 +47,22 @@ MAX_TEXT_TOKENS = 226  # CogVideoXPipeline's default max_sequence_length: every 
 TEXT_DIM = 64
 LATENT_CHANNELS = 8
 DEFAULTS = {"steps": 20, "frames": data.FRAMES, "height": data.SIZE, "width": data.SIZE, "fps": 8}
+
+
+class StopFlag:
+    """Set by ``--stop-after`` or SIGUSR1: a loop ends early but keeps its full-length LR schedule, so a run
+    cut at step K is the same as ``--stop-after K`` with the same step counts."""
+
+    def __init__(self, after: int | None) -> None:
+        self.after = after
+        self.signalled = False
+        signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, *_: object) -> None:
+        self.signalled = True
+
+    def __call__(self, step: int) -> bool:
+        return self.signalled or (self.after is not None and step >= self.after)
 
 
 def log(message: str) -> None:
@@ -145,12 +162,17 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
 # --- Stage 1: the VAE -------------------------------------------------------------------------------
 
 
-def train_vae(steps: int, batch: int, kl_weight: float = 1e-3) -> tuple[AutoencoderKLCogVideoX, list[float]]:
+def train_vae(
+    steps: int, batch: int, checkpoint: Path, stop: StopFlag, kl_weight: float = 1e-3
+) -> tuple[AutoencoderKLCogVideoX, list[float]]:
     vae = build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     rng = np.random.default_rng(SEED)
     losses, started = [], time.time()
     for step in range(steps):
+        if stop(step):
+            log(f"vae stopped at step {step}/{steps}")
+            break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, 2e-3)
         video, foreground, _ = clip_batch(rng, batch)
@@ -168,6 +190,40 @@ def train_vae(steps: int, batch: int, kl_weight: float = 1e-3) -> tuple[Autoenco
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - started:.0f} s)")
+            vae.save_pretrained(checkpoint, safe_serialization=True)  # a run cut short keeps its progress
+    return vae.eval(), losses
+
+
+def train_decoder(
+    vae: AutoencoderKLCogVideoX, steps: int, batch: int, stop: StopFlag
+) -> tuple[AutoencoderKLCogVideoX, list[float]]:
+    """Fine-tunes the decoder with the encoder frozen: the latent space (and so the transformer trained on
+    it) stays valid while the reconstruction sharpens."""
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = np.random.default_rng(SEED + 5)
+    losses, started = [], time.time()
+    for step in range(steps):
+        if stop(step):
+            log(f"decoder stopped at step {step}/{steps}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, 1e-3, warmup=20)
+        video, foreground, _ = clip_batch(rng, batch)
+        with torch.no_grad():
+            latents = vae.encode(video).latent_dist.sample()
+        error = vae.decode(latents).sample - video
+        loss = ((1 + 4 * foreground) * (error.abs() + error**2)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            mean = np.mean(losses[-50:])
+            log(f"decoder step {step}/{steps} loss {mean:.4f} ({time.time() - started:.0f} s)")
+    vae.requires_grad_(True)
     return vae.eval(), losses
 
 
@@ -216,6 +272,7 @@ def train_transformer(
     prompts: list[str],
     steps: int,
     batch: int,
+    stop: StopFlag,
     uncond_rate: float = 0.1,
     ema_decay: float = 0.998,
 ) -> list[float]:
@@ -235,6 +292,9 @@ def train_transformer(
     generator = torch.Generator().manual_seed(SEED + 3)
     losses, started = [], time.time()
     for step in range(steps):
+        if stop(step):
+            log(f"transformer stopped at step {step}/{steps}")
+            break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, 1e-3)
         index = torch.randint(0, len(prompts), (batch,), generator=generator)
@@ -339,18 +399,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=EMBEDDED_MODELS_DIR / "shapes")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "shapes", help="stage checkpoints")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--stage", choices=["all", "vae", "transformer"], default="all")
-    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--stage", choices=["all", "vae", "transformer", "decoder"], default="all")
+    parser.add_argument("--vae-steps", type=int, default=450)
     parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--transformer-steps", type=int, default=1100)
+    parser.add_argument("--transformer-steps", type=int, default=600)
     parser.add_argument("--transformer-batch", type=int, default=32)
+    parser.add_argument("--decoder-steps", type=int, default=300)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--clips", type=int, default=5400, help="clips encoded for stage 2 (20 per prompt)")
+    parser.add_argument("--clips", type=int, default=2160, help="clips encoded for stage 2 (8 per prompt)")
     parser.add_argument("--guidance-scale", type=float, default=6.0)
-    parser.add_argument("--check", type=int, default=24, help="generations in the final smoke check")
+    parser.add_argument("--check", type=int, default=12, help="generations in the final smoke check")
     # One thread on a shared machine: measured 2-3 s per VAE step against 6 s with two threads, whose
     # OpenMP barriers stall whenever another process holds a core.
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stop-after", type=int, default=None, help="end the stage's loop at this step")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -363,7 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
 
     if args.stage in ("all", "vae"):
-        vae, losses = train_vae(args.vae_steps, args.vae_batch)
+        vae, losses = train_vae(
+            args.vae_steps, args.vae_batch, args.work / "vae-checkpoint", StopFlag(args.stop_after)
+        )
+        report["vae_steps_done"] = len(losses)
         report["vae_minutes"] = (time.time() - started) / 60
         report["vae"] = measure_vae(vae)
         log(f"VAE: {report['vae']} after {report['vae_minutes']:.1f} min")
@@ -372,9 +437,27 @@ def main(argv: list[str] | None = None) -> None:
         report_path.write_text(json.dumps(report, indent=1))
     if args.stage == "vae":
         return
+    if args.stage in ("all", "decoder"):  # needs only the VAE: may run beside the transformer stage
+        decoder_start = time.time()
+        vae = AutoencoderKLCogVideoX.from_pretrained(args.work / "vae")
+        vae, losses = train_decoder(vae, args.decoder_steps, args.vae_batch, StopFlag(args.stop_after))
+        tuned = {"steps_done": len(losses), "minutes": (time.time() - decoder_start) / 60}
+        tuned.update(measure_vae(vae))
+        log(f"VAE with the tuned decoder: {tuned}")
+        vae.save_pretrained(args.work / "vae-tuned", safe_serialization=True)
+        draw_curve(losses, "shapes VAE decoder fine-tune loss", args.docs / "shapes-decoder-loss.png")
+        (args.work / "decoder-report.json").write_text(json.dumps(tuned, indent=1))
+    if args.stage == "decoder":
+        return
 
     stage2 = time.time()
-    vae = AutoencoderKLCogVideoX.from_pretrained(args.work / "vae").eval()
+    # The tuned VAE's encoder is the stage-1 encoder, bit for bit: the same latents either way.
+    tuned_dir = args.work / "vae-tuned"
+    vae = AutoencoderKLCogVideoX.from_pretrained(
+        tuned_dir if tuned_dir.exists() else args.work / "vae"
+    ).eval()
+    if "vae" not in report:
+        report["vae"] = measure_vae(vae)
     means, stds, prompts = encode_dataset(vae, args.clips)
     samples = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(SEED))
     scaling = float(1 / samples.std())
@@ -390,7 +473,10 @@ def main(argv: list[str] | None = None) -> None:
         transformer=build_transformer(args.layers),
         scheduler=build_scheduler(),
     )
-    losses = train_transformer(pipe, means, stds, prompts, args.transformer_steps, args.transformer_batch)
+    losses = train_transformer(
+        pipe, means, stds, prompts, args.transformer_steps, args.transformer_batch, StopFlag(args.stop_after)
+    )
+    report["transformer_steps_done"] = len(losses)
     report["transformer_minutes"] = (time.time() - stage2) / 60
     draw_curve(losses, "shapes transformer v-prediction loss", args.docs / "shapes-transformer-loss.png")
     log(f"transformer trained in {report['transformer_minutes']:.1f} min")
