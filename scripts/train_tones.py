@@ -4,20 +4,23 @@
 
 Stages, each saving into ``--work`` (default build/tones_train) so that they can run separately:
 
-* ``vocoder``: a SpeechT5HifiGan trained with log-mel L1 and multi-resolution STFT losses (no discriminator);
+* ``vocoder``: a SpeechT5HifiGan (the HiFi-GAN class AudioLDM2 uses) whose weights are *set*, not trained, to
+  an oscillator bank on a 10 Hz grid read off the log-mel (see build_oscillator_vocoder). Trained HiFi-GANs
+  (``hifigan`` stage: log-mel L1 + multi-resolution STFT losses, no discriminator) did not learn pitch in the
+  CPU budget: after 500-750 steps they put out one or two fixed frequencies whatever the mel;
 * ``vae``: the mel AutoencoderKL (4x compression in time and frequency, as AudioLDM2's);
-* ``unet``: the AudioLDM2UNet2DConditionModel (epsilon prediction, 10% dropped prompts for guidance) on the
-  VAE's latents, conditioned on the frozen random text side's embeddings, computed once per prompt with the
-  pipeline's own ``encode_prompt`` (so training sees exactly the tensors inference feeds);
+* ``unet``: the AudioLDM2UNet2DConditionModel predicting the clean latent (``sample``; epsilon prediction
+  diverged at high noise after this little training), 10% dropped prompts for guidance, conditioned on the
+  frozen random text side's embeddings, computed once per prompt with the pipeline's own ``encode_prompt``
+  (so training sees exactly the tensors inference feeds);
 * ``assemble``: the AudioLDM2Pipeline saved (safetensors) to resources/models/tones with studio.json and
   preview_factors.json, and the loss curves drawn to docs/tones_training.png.
 
 The text side (CLAP text encoder, Flan-T5-style encoder, GPT-2, projection) stays frozen at its seeded random
 initialisation; its tokenizers are word-level over the grammar's vocabulary, so every word of a prompt is one
 token with its own embedding. Everything is seeded (SEED), so a rerun gives the same model on the same
-machine. Threads default to 1: on a shared 2-core machine one thread per process ran the UNet step 4x faster
-than two (OpenMP threads stall when descheduled); ``vocoder`` and ``vae`` then ``unet`` can run as two
-processes side by side (``all`` runs them in turn).
+machine. Threads default to 1: on the shared 2-core machine one thread per process ran the UNet step 4x
+faster than two (OpenMP threads stall when descheduled); ``vae`` then ``unet`` can run beside ``vocoder``.
 """
 
 from __future__ import annotations
@@ -172,7 +175,9 @@ def build_vocoder():
             sampling_rate=td.SAMPLE_RATE,
             upsample_initial_channel=256,
             upsample_rates=VOCODER_RATES,
-            upsample_kernel_sizes=[2 * r + r % 2 for r in VOCODER_RATES],  # odd rate, odd kernel: exact length
+            upsample_kernel_sizes=[
+                2 * r + r % 2 for r in VOCODER_RATES
+            ],  # odd rate, odd kernel: exact length
             resblock_kernel_sizes=[3, 7],
             resblock_dilation_sizes=[[1, 3], [1, 3]],
             normalize_before=False,
@@ -226,7 +231,7 @@ def build_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type="sample",  # x0: a weak model's errors at high noise stay bounded (epsilon diverged)
     )
 
 
@@ -242,23 +247,119 @@ def build_pipeline(vocoder=None, vae=None, unet=None):
     )
 
 
+OSCILLATOR_RATES = [50, 16]  # 100 ms frames -> 500 Hz in 16 polyphase channels -> 8 kHz
+
+
+def oscillator_hz() -> list[int]:
+    """The oscillator bank: each pitch of the grammar (on the 10 Hz grid) and every 50 Hz from 150 to 2600."""
+    wanted = {round(p / 10) * 10 for sound in td.grammar() for p in sound.pitches}
+    return sorted(wanted | set(range(150, 2650, 50)))
+
+
+def build_oscillator_vocoder(threshold: float = -1.0, gain: float = 0.08, offset: float = 10.0):
+    """A SpeechT5HifiGan whose weights are set, not trained, to an oscillator bank on the 10 Hz grid.
+
+    conv_pre reads each oscillator's level off the log-mel (quadratic interpolation between the three nearest
+    mel bins, minus `threshold`); the leaky ReLUs become exact ReLUs with a second, offset copy of each level
+    and a constant channel (relu(y) = (lrelu(y) - s (y + offset)) / (1 - s) + s offset / (1 - s)); the first
+    upsampler overlap-adds Hann-windowed sines (whole cycles per 100 ms frame, so phases line up) into 16
+    polyphase channels, kept positive by `offset`; the second interleaves them into samples, and conv_post
+    removes the offset. The residual blocks are zero, hence identities.
+    """
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    freqs = oscillator_hz()
+    n, rate, phases = len(freqs), OSCILLATOR_RATES[0], OSCILLATOR_RATES[1]
+    vocoder = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=td.N_MELS,
+            sampling_rate=td.SAMPLE_RATE,
+            upsample_initial_channel=2 * n + 1,
+            upsample_rates=OSCILLATOR_RATES,
+            upsample_kernel_sizes=[2 * rate, phases],
+            resblock_kernel_sizes=[1],
+            resblock_dilation_sizes=[[1]],
+            normalize_before=False,
+        )
+    )
+    slope = vocoder.config.leaky_relu_slope
+    edges = td._mel_to_hz(np.linspace(td._hz_to_mel(0.0), td._hz_to_mel(td.F_MAX), td.N_MELS + 2))
+    centres = td._hz_to_mel(edges[1:-1])
+    step = centres[1] - centres[0]
+    tau = np.arange(2 * rate)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * tau / (2 * rate))  # periodic Hann: sums to 1 at 50% overlap
+    pad = rate // 2  # the upsampler's padding, (kernel - stride) // 2
+    with torch.no_grad():
+        for parameter in vocoder.parameters():
+            parameter.zero_()
+        pre_w, pre_b, up_w = vocoder.conv_pre.weight, vocoder.conv_pre.bias, vocoder.upsampler[0].weight
+        total = np.zeros((phases, 2 * rate))
+        for j, hz in enumerate(freqs):
+            position = (td._hz_to_mel(hz) - centres[0]) / step
+            m0 = int(np.clip(round(float(position)), 1, td.N_MELS - 2))
+            u = float(position) - m0
+            for dm, weight in ((-1, u * (u - 1) / 2), (0, 1 - u * u), (1, u * (u + 1) / 2)):
+                pre_w[j, m0 + dm, 3] = weight
+                pre_w[n + j, m0 + dm, 3] = weight
+            pre_b[j] = -threshold
+            pre_b[n + j] = -threshold + offset
+            for p in range(phases):
+                kernel = gain * window * np.sin(2 * np.pi * hz * (phases * (tau - pad) + p) / td.SAMPLE_RATE)
+                up_w[j, p] = torch.tensor(kernel / (1 - slope))
+                up_w[n + j, p] = torch.tensor(-slope * kernel / (1 - slope))
+                total[p] += kernel
+        pre_b[2 * n] = offset  # the constant channel
+        up_w[2 * n, :phases] = torch.tensor(slope / (1 - slope) * total)
+        vocoder.upsampler[0].bias[:phases] = offset
+        for p in range(phases):
+            vocoder.upsampler[1].weight[p, 0, p] = 1.0
+        vocoder.conv_post.weight[0, 0, 3] = 1.0
+        vocoder.conv_post.bias[0] = -offset
+    return vocoder.eval()
+
+
+def make_vocoder(work: Path) -> None:
+    """The shipped vocoder: the oscillator bank, checked on the synthetic sounds' own mels."""
+    vocoder = build_oscillator_vocoder()
+    results: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for index, sound in enumerate(td.grammar()):
+            wave = torch.tensor(td.synthesize(sound, seed=10**6 + index))[None]
+            for name, ok in td.check(sound, vocoder(td.log_mel(wave))[0].numpy()).items():
+                results.setdefault(name, []).append(bool(ok))
+    rates = {name: f"{sum(v)}/{len(v)}" for name, v in results.items()}
+    log(f"oscillator vocoder on ground-truth mels: {rates}")
+    vocoder.save_pretrained(work / "vocoder", safe_serialization=True)
+    (work / "vocoder_check.json").write_text(json.dumps(rates))
+
+
 # --- Losses -------------------------------------------------------------------------------------------------
 
 STFT_SIZES = ((256, 64), (512, 128), (1024, 256), (2048, 512))
 
 
 def stft_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Multi-resolution STFT loss: spectral convergence plus log-magnitude L1, averaged over resolutions.
+    """Multi-resolution STFT loss: spectral convergence plus L1 of log(1 + magnitude), averaged over
+    resolutions.
 
-    The convergence term's norms run over the whole batch, plus one: a silent example (between beeps) would
-    otherwise divide by almost nothing, and its spikes threw training back."""
+    The spectra of tones are mostly empty: a plain log-magnitude L1 is then ruled by the empty bins and
+    trained the vocoder into near silence; log(1 + |X|) and the convergence term weigh the tones' peaks.
+    The convergence term's norms run over the whole batch, plus one, so that a silent example (between
+    beeps) cannot divide by almost nothing."""
     total = 0.0
     for n_fft, hop in STFT_SIZES:
         window = torch.hann_window(n_fft)
-        a = torch.stft(fake, n_fft, hop, n_fft, window, return_complex=True).abs() + 1e-7
-        b = torch.stft(real, n_fft, hop, n_fft, window, return_complex=True).abs() + 1e-7
-        total = total + torch.linalg.norm(a - b) / (torch.linalg.norm(b) + 1.0) + F.l1_loss(a.log(), b.log())
+        a = torch.stft(fake, n_fft, hop, n_fft, window, return_complex=True).abs()
+        b = torch.stft(real, n_fft, hop, n_fft, window, return_complex=True).abs()
+        total = (
+            total + torch.linalg.norm(a - b) / (torch.linalg.norm(b) + 1.0) + F.l1_loss(a.log1p(), b.log1p())
+        )
     return total / len(STFT_SIZES)
+
+
+def mel_loss(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """L1 of the log-mels floored at 1e-2 (60 dB under the loudest tones), for the same reason."""
+    return F.l1_loss(td.log_mel(fake).clamp(min=-2.0), td.log_mel(real).clamp(min=-2.0))
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -275,7 +376,7 @@ def train_vocoder(work: Path, steps: int) -> None:
     vocoder = build_vocoder().train()
     optimizer = torch.optim.AdamW(vocoder.parameters(), lr=1e-3, betas=(0.8, 0.99))
     generator = torch.Generator().manual_seed(SEED + 1)
-    segment, batch = 8, 8  # 8 frames = 0.8 s per example
+    segment, batch = 8, 4  # 8 frames = 0.8 s per example
     losses, start = [], time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -287,13 +388,13 @@ def train_vocoder(work: Path, steps: int) -> None:
             [wave[r, o * td.HOP : (o + segment) * td.HOP] for r, o in zip(rows, offsets, strict=True)]
         )
         fake = vocoder(mel)
-        mel_loss = F.l1_loss(td.log_mel(fake), td.log_mel(real))
-        loss = stft_loss(fake, real) + mel_loss
+        mel_error = mel_loss(fake, real)
+        loss = stft_loss(fake, real) + mel_error
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vocoder.parameters(), 5.0)
         optimizer.step()
-        losses.append([loss.item(), mel_loss.item()])
+        losses.append([loss.item(), mel_error.item()])
         if step % 250 == 249:  # a checkpoint to fall back on
             vocoder.save_pretrained(work / "vocoder", safe_serialization=True)
         if step % 50 == 0 or step == steps - 1:
@@ -386,11 +487,11 @@ def train_unet(work: Path, steps: int) -> None:
     scheduler = build_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED + 3)
-    batch = 16
+    batch = 8
     losses, start = [], time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, 1e-3, warmup=50)
+            group["lr"] = cosine_lr(step, steps, 1e-3, warmup=30)
         rows = torch.randint(0, len(latents), (batch,), generator=generator)
         x0, prompt = latents[rows], labels[rows]
         noise = torch.randn(x0.shape, generator=generator)
@@ -404,7 +505,7 @@ def train_unet(work: Path, steps: int) -> None:
             encoder_hidden_states_1=embeds["t5"][prompt, conditional],
             encoder_attention_mask_1=embeds["mask"][prompt, conditional],
         ).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, x0)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -438,9 +539,9 @@ def assemble(work: Path, out: Path) -> None:
     studio = {
         "family": "audioldm2",
         "description": (
-            f"Tones: a small AudioLDM2 (audioldm2-large layout, {td.SAMPLE_RATE} Hz) trained on synthetic "
-            f"sounds: sine tones, notes, major/minor chords, rising/falling sweeps, noise bursts, beeps "
-            f"(e.g. {words})."
+            f"Tones: a small AudioLDM2 (audioldm2-large layout, {td.SAMPLE_RATE} Hz; UNet and mel VAE "
+            f"trained, oscillator-bank vocoder) for synthetic sounds: sine tones, notes, major/minor chords, "
+            f"rising/falling sweeps, noise bursts, beeps (e.g. {words})."
         ),
         "defaults": dict(DEFAULTS),
     }
@@ -485,12 +586,12 @@ def draw_losses(work: Path, target: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["vocoder", "vae", "unet", "assemble", "all"])
+    parser.add_argument("stage", choices=["vocoder", "vae", "unet", "assemble", "all", "hifigan"])
     parser.add_argument("--work", type=Path, default=REPO / "build" / "tones_train")
     parser.add_argument("--out", type=Path, default=REPO / "resources" / "models" / "tones")
-    parser.add_argument("--vocoder-steps", type=int, default=600)
+    parser.add_argument("--vocoder-steps", type=int, default=800)
     parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--unet-steps", type=int, default=800)
+    parser.add_argument("--unet-steps", type=int, default=1200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clips-per-prompt", type=int, default=48, help="fewer for smoke runs")
     args = parser.parse_args()
@@ -499,6 +600,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if args.stage in ("vocoder", "all"):
+        make_vocoder(args.work)
+    if args.stage == "hifigan":  # the trained HiFi-GAN that was tried first (see docs/models.md); not shipped
         train_vocoder(args.work, args.vocoder_steps)
     if args.stage in ("vae", "all"):
         train_vae(args.work, args.vae_steps)
