@@ -75,7 +75,7 @@ def report(results: dict, seeds: int, command: str) -> str:
     lines = [
         f"`resources/models/tones`: AudioLDM2 architecture ({td.SAMPLE_RATE} Hz, {td.N_MELS} mel bins, "
         f"{td.HOP}-sample hop), trained by `scripts/train_tones.py` on the synthetic sounds of "
-        "`resources/tones_data.py`; see the training section below.",
+        "`resources/tones_data.py` (training above).",
         "",
         f"Semantic pass rates over the whole grammar ({len(td.grammar())} prompts x {seeds} seeds = "
         f"{len(results['rows'])} clips) through the engine, sequential on cpu:1, {plan.steps} steps, "

@@ -591,7 +591,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "resources" / "models" / "tones")
     parser.add_argument("--vocoder-steps", type=int, default=800)
     parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--unet-steps", type=int, default=1200)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clips-per-prompt", type=int, default=48, help="fewer for smoke runs")
     args = parser.parse_args()
