@@ -252,11 +252,12 @@ def sweep_slope(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
 
 
 def onset_count(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> int:
-    """Number of separate loud events: the 10 ms RMS envelope crossing up through half its maximum."""
+    """Number of separate loud events: the RMS envelope (10 ms frames, 100 ms running mean, which smooths a
+    vocoder's frame-rate buzz) crossing up through half its maximum."""
     audio = np.asarray(audio, dtype=np.float64).reshape(-1)
     hop = sample_rate // 100
     rms = np.sqrt(np.mean(audio[: len(audio) // hop * hop].reshape(-1, hop) ** 2, axis=1))
-    smooth = np.convolve(rms, np.ones(3) / 3, mode="same")
+    smooth = np.convolve(rms, np.ones(10) / 10, mode="same")
     loud = smooth > 0.5 * smooth.max()
     return int(loud[0]) + int(np.count_nonzero(loud[1:] & ~loud[:-1]))
 
