@@ -91,8 +91,9 @@ class Engine:
         if strategy.name != "sequential":
             _check_scheduler(strategy.name, entry)
         options = self._resolve_options(strategy, resolved, adapter, len(devices))
-        strategy.check_request(dataclasses.replace(resolved, strategy_options=options), adapter, len(devices))
-        strategy.check_model_request(dataclasses.replace(resolved, strategy_options=options), entry, len(devices))
+        with_options = dataclasses.replace(resolved, strategy_options=options)
+        strategy.check_request(with_options, adapter, len(devices))
+        strategy.check_model_request(with_options, entry, len(devices))
         resolved = dataclasses.replace(
             resolved, strategy_options=options, devices=format_devices(devices), model=request.model
         )
