@@ -1,7 +1,7 @@
 """ParaStep variants against published ParaStep and sequential, on CPU workers (docs/parastep-variants.md).
 
     nice -n 5 .venv/bin/python scripts/benchmark_parastep_variants.py [--models a,b] [--ranks 2,3]
-        [--steps 20] [--adaptive 10] [--repeats 2]
+        [--steps 20] [--adaptive 10] [--repeats 2] [--no-sweep]
 
 For each embedded model (the tiny ones, and the trained `shapes`/`tones` when present) and each
 rank count N, one `engine.compare.compare` call runs, on the same seed:
@@ -41,7 +41,7 @@ from resources import EMBEDDED_MODELS_DIR  # noqa: E402
 
 TINY = ("tiny-cogvideox", "tiny-svd", "tiny-audioldm2")
 TRAINED = ("shapes", "tones")
-PROMPTS = {"video": "a red circle moving right on a blue background", "audio": "a steady low tone"}
+PROMPTS = {"video": "a red circle moving right on a white background", "audio": "a 220 Hz sine tone"}
 
 
 def conditioning_image(folder: Path) -> str:
@@ -101,7 +101,7 @@ def run_model(engine: Engine, model: str, args: argparse.Namespace, image: str) 
             for label, options in variants.items():
                 specs.append(("parastep", devices, options))
                 labels.append(label)
-        sweep = list(range(1, steps))
+        sweep = list(range(1, steps)) if args.sweep else []
         for w in sweep:
             specs.append(("parastep", devices, {"warmup": w}))
             labels.append(f"W={w}")
@@ -151,6 +151,9 @@ def run_model(engine: Engine, model: str, args: argparse.Namespace, image: str) 
                     f"{sequential_s / other['denoise_s']:.2f}x | {steps / calls:.2f}x | {rel} | {qual} | "
                     f"{traffic_matches(other, steps, int(same[2:]), ranks, latent_bytes, False)} |"
                 )
+        if not sweep:
+            print()
+            continue
         print("\nFixed warm-up sweep (published ParaStep), latent rel L2 by rank-0 calls:\n")
         print("| W | " + " | ".join(label[2:] for label in labels if label.startswith("W=")) + " |")
         print("| --- |" + " --- |" * len(sweep))
@@ -173,6 +176,9 @@ def main() -> None:
     parser.add_argument("--adaptive", default="10", help="comma-separated thresholds in percent")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sweep", action=argparse.BooleanOptionalAction, default=True, help="the fixed warm-up sweep"
+    )
     args = parser.parse_args()
     args.ranks = [int(n) for n in args.ranks.split(",")]
     args.adaptive = [int(p) for p in args.adaptive.split(",") if p]
