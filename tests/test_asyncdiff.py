@@ -20,7 +20,14 @@ import torch
 
 from engine.errors import JobCancelled, UserError
 from engine.protocol import GenerationRequest, StepEvent
-from engine.strategies.asyncdiff import AsyncDiffStrategy, balanced_split, expected_traffic, rounds
+from engine.strategies.asyncdiff import (
+    AsyncDiffStrategy,
+    balanced_split,
+    config_block_count,
+    denoiser_blocks,
+    expected_traffic,
+    rounds,
+)
 from engine.strategies.base import JobContext
 from resources import EMBEDDED_MODELS_DIR
 from tests import oracle, oracle_asyncdiff
@@ -277,6 +284,22 @@ def test_refuses_more_parts_than_blocks(references):
     with torch.inference_mode():  # hooks removed: the denoiser runs whole again
         out = rec.denoiser(*rec.call_args, **{**rec.call_kwargs, "return_dict": False})
     assert out[0].shape[0] == rec.call_args[0].shape[0]
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "svd", "audioldm2"])
+def test_plan_counts_the_blocks_from_the_config_and_refuses_too_many_parts(
+    family, references, shared_engine, conditioning_image
+):
+    folder = EMBEDDED_MODELS_DIR / REQUESTS[family]["model"]
+    component = "transformer" if family == "cogvideox" else "unet"
+    blocks = config_block_count(json.loads((folder / component / "config.json").read_text()))
+    assert blocks == len(denoiser_blocks(references(family)["rec"].denoiser))
+    good = request(family, "n2", conditioning_image)
+    too_many = dataclasses.replace(good, devices=f"cpu:{blocks + 1}")
+    with pytest.raises(UserError, match=f"cannot cut {blocks} blocks into {blocks + 1} parts"):
+        shared_engine.plan(too_many)  # at plan time: no worker starts
+    with_stride = dataclasses.replace(too_many, strategy_options={"warmup": 2, "stride": 2})
+    assert len(shared_engine.plan(with_stride).devices) == blocks + 1  # N + 1 devices, N parts: fine
 
 
 def test_refuses_a_stride_larger_than_the_devices_and_a_bad_balance(shared_engine, conditioning_image):

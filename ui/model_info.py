@@ -106,22 +106,27 @@ def strategy_width(strategy: dict[str, Any], options: dict[str, Any], ranks: int
     ideal = strategy.get("ideal") or {}
     source = ideal.get("width_from", "")
     if source == "ranks":
-        return max(1, ranks // max(1, int(ideal.get("ranks_per_width", 1))))
+        stride = _option_value(strategy, options, ideal["stride_from"]) if ideal.get("stride_from") else 1
+        return max(1, (ranks // max(1, int(ideal.get("ranks_per_width", 1))) - stride + 1) * stride)
     if source:
-        value = options.get(source)
-        if not isinstance(value, int):
-            value = next(
-                (o.get("default") for o in strategy.get("options", []) if o.get("name") == source), 1
-            )
-        return int(value or 1)
+        return _option_value(strategy, options, source)
     return 1
+
+
+def _option_value(strategy: dict[str, Any], options: dict[str, Any], name: str) -> int:
+    """An integer option as chosen, else its default (1 when it has none)."""
+    value = options.get(name)
+    if not isinstance(value, int):
+        value = next((o.get("default") for o in strategy.get("options", []) if o.get("name") == name), 1)
+    return int(value or 1)
 
 
 def strategy_ideal_speedup(
     strategy: dict[str, Any], steps: int, warmup: int, options: dict[str, Any], ranks: int
 ) -> float:
     """factor * T / (W + ceil((T - W) / width)), as the engine's Strategy.ideal_speedup."""
-    factor = int((strategy.get("ideal") or {}).get("factor", 1))
+    ideal = strategy.get("ideal") or {}
     width = strategy_width(strategy, options, ranks)
     has_warmup = any(o.get("name") == "warmup" for o in strategy.get("options", []))
-    return factor * ideal_speedup(steps, warmup if has_warmup else 0, width)
+    serial_warmup = warmup if has_warmup and not ideal.get("warmup_parallel") else 0
+    return int(ideal.get("factor", 1)) * ideal_speedup(steps, serial_warmup, width)

@@ -102,12 +102,27 @@ def denoiser_blocks(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
     )
 
 
-def _denoiser_class(entry: Any) -> str:
+def _denoiser_config(entry: Any) -> dict[str, Any]:
     for folder in ("transformer", "unet"):
         config = entry.path / folder / "config.json"
         if config.is_file():
-            return json.loads(config.read_text()).get("_class_name", "")
-    return ""
+            return json.loads(config.read_text())
+    return {}
+
+
+def _denoiser_class(entry: Any) -> str:
+    return _denoiser_config(entry).get("_class_name", "")
+
+
+def config_block_count(config: dict[str, Any]) -> int | None:
+    """How many blocks denoiser_blocks finds, read off the denoiser's config (None: unknown)."""
+    kind = config.get("_class_name")
+    if kind == "CogVideoXTransformer3DModel":
+        return int(config.get("num_layers", 30))
+    if kind in ("UNetSpatioTemporalConditionModel", "AudioLDM2UNet2DConditionModel"):
+        has_mid = kind == "UNetSpatioTemporalConditionModel" or config.get("mid_block_type", "") is not None
+        return 1 + len(config["down_block_types"]) + int(has_mid) + len(config["up_block_types"])
+    return None
 
 
 # ---- the split ----------------------------------------------------------------------------------
@@ -229,12 +244,8 @@ class AsyncDiffStrategy(Strategy):
     )
     min_devices = 1
     max_devices = None
-    width_from = "ranks"  # exact for stride 1; parallel_width below also counts the stride
-
-    @classmethod
-    def parallel_width(cls, options: dict[str, Any], ranks: int) -> int:
-        stride = int(options.get("stride", 1) or 1)
-        return max(1, (ranks - stride + 1) * stride)
+    width_from = "ranks"
+    stride_from = "stride"  # N + S - 1 devices: N parts, each once per S steps
 
     @classmethod
     def unavailable_reason(cls, entry: Any) -> str | None:
@@ -255,6 +266,12 @@ class AsyncDiffStrategy(Strategy):
                 f"N + {stride - 1} devices); {ranks} given.",
                 f"Use --stride {ranks} or less, or more devices.",
             )
+
+    @classmethod
+    def check_model_request(cls, request: Any, entry: Any, ranks: int) -> None:
+        blocks = config_block_count(_denoiser_config(entry))
+        if blocks is not None:
+            _check_parts(blocks, ranks, int(request.strategy_options.get("stride", 1)))
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -353,12 +370,8 @@ class AsyncDiffStrategy(Strategy):
         """A warm-up step: the whole denoiser. The last warm-up step but one (or step 0) measures the
         blocks' costs and fixes the split; the last one traces what each part consumes."""
         step = self.step
-        if step == 0 and self.parts > len(self.blocks):
-            raise UserError(
-                f"AsyncDiff cannot cut {len(self.blocks)} blocks into {self.parts} parts "
-                f"({self.ctx.world_size} devices, stride {self.stride}).",
-                f"Use at most {len(self.blocks) + self.stride - 1} devices with this model and stride.",
-            )
+        if step == 0:  # the plan checked the config; this checks the model as loaded
+            _check_parts(len(self.blocks), self.ctx.world_size, self.stride)
         parallel = self.warmup < self.ctx.total_steps  # else this is the plain loop: nothing to split
         self._tracing = parallel and step == self.warmup - 1
         if self._tracing:
@@ -553,6 +566,15 @@ class AsyncDiffStrategy(Strategy):
             self.agree_on_cancel()
             self._wait_sends()
             self._pending = [self.send(self.fresh[key], rank) for rank, key in self._sends()]
+
+
+def _check_parts(blocks: int, devices: int, stride: int) -> None:
+    parts = devices - stride + 1
+    if parts > blocks:
+        raise UserError(
+            f"AsyncDiff cannot cut {blocks} blocks into {parts} parts ({devices} devices, stride {stride}).",
+            f"Use at most {blocks + stride - 1} devices with this model and stride.",
+        )
 
 
 def rounds(total_steps: int, warmup: int, stride: int) -> list[tuple[int, int]]:

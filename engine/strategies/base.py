@@ -116,17 +116,22 @@ class Strategy:
     one_call_per_step = True  # the step index must advance exactly once per denoiser call
     # Ideal loop speedup, factor * T / (W + ceil((T - W) / width)), described as data so that the
     # window (which cannot import this module) computes it too: width is the rank count divided by
-    # `ranks_per_width` ("ranks"), an option's value (e.g. "lookahead") or 1 (""); W is the
-    # "warmup" option (0 without one); `rounds` marks strategies whose steps go in rounds of width.
+    # `ranks_per_width` ("ranks"), an option's value (e.g. "lookahead") or 1 (""); with a
+    # `stride_from` option S, (ranks - S + 1) parts each run once per S steps: width (ranks - S + 1) * S.
+    # W is the "warmup" option (0 without one, and 0 when `warmup_parallel`: warm-up steps that are
+    # split across the ranks too, only synchronously); `rounds` marks steps that go in rounds of width.
     width_from = ""
     ranks_per_width = 1
+    stride_from = ""
+    warmup_parallel = False
     speedup_factor = 1
     rounds = False
 
     @classmethod
     def parallel_width(cls, options: dict[str, Any], ranks: int) -> int:
         if cls.width_from == "ranks":
-            return max(1, ranks // cls.ranks_per_width)
+            stride = int(options.get(cls.stride_from, 1) or 1) if cls.stride_from else 1
+            return max(1, (ranks // cls.ranks_per_width - stride + 1) * stride)
         if cls.width_from:
             return int(options.get(cls.width_from, 1))
         return 1
@@ -134,7 +139,8 @@ class Strategy:
     @classmethod
     def ideal_speedup(cls, steps: int, options: dict[str, Any], ranks: int) -> float:
         width = cls.parallel_width(options, ranks)
-        loop = ideal_speedup(steps, int(options.get("warmup", 0) or 0), width) if width > 1 else 1.0
+        warmup = 0 if cls.warmup_parallel else int(options.get("warmup", 0) or 0)
+        loop = ideal_speedup(steps, warmup, width) if width > 1 else 1.0
         return cls.speedup_factor * loop
 
     @classmethod
@@ -173,6 +179,8 @@ class Strategy:
             "ideal": {
                 "width_from": cls.width_from,
                 "ranks_per_width": cls.ranks_per_width,
+                "stride_from": cls.stride_from,
+                "warmup_parallel": cls.warmup_parallel,
                 "factor": cls.speedup_factor,
                 "rounds": cls.rounds,
             },

@@ -75,6 +75,7 @@ class DistriFusionStrategy(Strategy):
     min_devices = 1
     max_devices = None
     width_from = "ranks"
+    warmup_parallel = True  # warm-up steps are split into bands too, with a synchronous exchange
 
     @classmethod
     def unavailable_reason(cls, entry: Any) -> str | None:

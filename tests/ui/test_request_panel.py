@@ -235,3 +235,24 @@ def test_strategies_a_model_cannot_run_are_greyed_out_with_the_reason(qtbot, cat
     assert picker.strategy() == "sequential"  # moved off the strategy it cannot run
     panel.select_model("tiny-cogvideox")
     assert picker.strategy_box.model().item(index).isEnabled()
+
+
+def test_window_ideal_speedup_equals_the_engines_for_every_strategy():
+    """The window computes the ideal speedup from each strategy's described data (it cannot import the
+    engine); for every strategy, device count and warm-up / stride / lookahead it must agree."""
+    from engine.strategies import STRATEGIES
+    from ui.model_info import strategy_ideal_speedup
+
+    for cls in STRATEGIES.values():
+        described = cls.describe()
+        names = {o["name"] for o in described["options"]}
+        for ranks in (1, 2, 3, 4, 6):
+            for warmup in (0, 3):
+                for extra in (1, 2):
+                    options = {"warmup": warmup} if "warmup" in names else {}
+                    options.update({n: extra for n in ("stride", "lookahead") if n in names})
+                    if extra > ranks and "stride" in names:
+                        continue
+                    engine_value = cls.ideal_speedup(20, options, ranks)
+                    window_value = strategy_ideal_speedup(described, 20, warmup, options, ranks)
+                    assert window_value == pytest.approx(engine_value), (cls.name, ranks, options)
