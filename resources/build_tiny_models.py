@@ -484,6 +484,10 @@ def save_model(pipe: DiffusionPipeline, studio: dict[str, Any], target: Path) ->
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
         (staging / "studio.json").write_text(json.dumps(studio, indent=2) + "\n")
+        for config in staging.glob("*/config.json"):  # a component loaded from a folder names it: drop it
+            fields = json.loads(config.read_text())
+            if fields.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
         for path in [staging, *staging.rglob("*")]:  # mkdtemp makes a private folder: use ordinary modes
             path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():

@@ -320,15 +320,23 @@ def build_oscillator_vocoder(threshold: float = -1.0, gain: float = 0.08, offset
     return vocoder.eval()
 
 
-def vocoder_checks(vocoder) -> dict[str, str]:
-    """Pass counts of the semantic checks on the vocoded clean mels of every prompt (held-out seeds)."""
+def vocoder_checks(vocoder, vae=None) -> dict[str, str]:
+    """Pass counts of the semantic checks on the vocoded mels of every prompt (held-out seeds): clean mels,
+    and with a `vae` also their VAE reconstructions (what the pipeline gives the vocoder)."""
     results: dict[str, list[bool]] = {}
     with torch.no_grad():
         for index, sound in enumerate(td.grammar()):
-            wave = torch.tensor(td.synthesize(sound, seed=10**6 + index))[None]
-            for name, ok in td.check(sound, vocoder(td.log_mel(wave))[0].numpy()).items():
-                results.setdefault(name, []).append(bool(ok))
+            mel = td.log_mel(torch.tensor(td.synthesize(sound, seed=10**6 + index))[None])
+            inputs = {"clean": mel, "vae": vae_round_trip(vae, mel)} if vae is not None else {"clean": mel}
+            for kind, x in inputs.items():
+                for name, ok in td.check(sound, vocoder(x)[0].numpy()).items():
+                    results.setdefault(f"{kind} {name}", []).append(bool(ok))
     return {name: f"{sum(v)}/{len(v)}" for name, v in results.items()}
+
+
+def vae_round_trip(vae, mels: torch.Tensor) -> torch.Tensor:
+    """[B, FRAMES, N_MELS] log-mels through the VAE (posterior mode) and back."""
+    return vae.decode(vae.encode(mels.unsqueeze(1)).latent_dist.mode()).sample.squeeze(1)
 
 
 def make_vocoder(work: Path, steps: int) -> None:
@@ -338,15 +346,19 @@ def make_vocoder(work: Path, steps: int) -> None:
     after. Measured (docs/models.md): training the waveforms too, or with the coarse STFT resolutions (31
     and 16 Hz bins, which cannot tell neighbouring oscillators apart), lowered the loss as much but let
     the middle note of chords sink under its neighbours (chords 9-10/12 instead of 11/12)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()  # the vocoder learns from its reconstructions
     vocoder = build_oscillator_vocoder()
-    report = {"bank": vocoder_checks(vocoder), "bank_loss": held_out_loss(vocoder)}
+    report = {"bank": vocoder_checks(vocoder, vae), "bank_loss": held_out_loss(vocoder, vae)}
     log(f"oscillator bank on ground-truth mels: {report['bank']}, held-out loss {report['bank_loss']}")
     if steps:
         vocoder.upsampler[0].requires_grad_(False)
         fine = tuple(size for size in STFT_SIZES if size[0] >= 1024)
-        vocoder = train_vocoder(work, steps, vocoder, peak_lr=VOCODER_TUNE_LR, sizes=fine).eval()
-        report["trained"] = vocoder_checks(vocoder)
-        report["trained_loss"] = held_out_loss(vocoder)
+
+        vocoder = train_vocoder(work, steps, vocoder, peak_lr=VOCODER_TUNE_LR, sizes=fine, vae=vae).eval()
+        report["trained"] = vocoder_checks(vocoder, vae)
+        report["trained_loss"] = held_out_loss(vocoder, vae)
         log(
             f"trained vocoder on ground-truth mels: {report['trained']}, "
             f"held-out loss {report['trained_loss']}"
@@ -393,10 +405,22 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
 # --- Stages -------------------------------------------------------------------------------------------------
 
 
-def train_vocoder(work: Path, steps: int, vocoder=None, peak_lr: float = 1e-3, sizes: tuple = STFT_SIZES):
+def train_vocoder(
+    work: Path,
+    steps: int,
+    vocoder=None,
+    peak_lr: float = 1e-3,
+    sizes: tuple = STFT_SIZES,
+    vae=None,
+):
     """Trains `vocoder` (a fresh HiFi-GAN when None; only its parameters that require gradients) with the
-    mel and STFT losses at `sizes` on 0.8 s crops."""
+    mel and STFT losses at `sizes` on 0.8 s crops. With a `vae`, its inputs are the VAE's reconstructions
+    of the mels (the targets stay the clean waveforms), so it learns to undo the VAE's blur, as a vocoder
+    fine-tuned on a TTS model's ground-truth-aligned outputs does."""
     wave, mels, _ = dataset()
+    if vae is not None:
+        with torch.no_grad():
+            mels = torch.cat([vae_round_trip(vae, chunk) for chunk in mels.split(64)])
     vocoder = (vocoder or build_vocoder()).train()
     trained = [p for p in vocoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=peak_lr, betas=(0.8, 0.99))
@@ -430,13 +454,15 @@ def train_vocoder(work: Path, steps: int, vocoder=None, peak_lr: float = 1e-3, s
 
 
 @torch.no_grad()
-def held_out_loss(vocoder, clips: int = 64) -> dict[str, float]:
-    """The training losses (STFT + mel, mel alone) on whole clips of seeds no training clip uses."""
+def held_out_loss(vocoder, vae=None, clips: int = 64) -> dict[str, float]:
+    """The training losses (all four STFT sizes + mel, mel alone) on whole clips of seeds no training clip
+    uses, vocoded from their mels (through `vae` when given)."""
     sounds = td.grammar()
     wave = torch.tensor(
         np.stack([td.synthesize(sounds[k % len(sounds)], seed=2 * 10**6 + k) for k in range(clips)])
     )
-    fake = torch.cat([vocoder(td.log_mel(chunk)) for chunk in wave.split(16)])
+    mels = [td.log_mel(chunk) for chunk in wave.split(16)]
+    fake = torch.cat([vocoder(vae_round_trip(vae, m) if vae is not None else m) for m in mels])
     mel_error = mel_loss(fake, wave).item()
     return {"loss": round(stft_loss(fake, wave).item() + mel_error, 4), "mel": round(mel_error, 4)}
 
@@ -638,12 +664,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if args.stage in ("vocoder", "all"):
+    if args.stage in ("vae", "all"):
+        train_vae(args.work, args.vae_steps)
+    if args.stage in ("vocoder", "all"):  # after the VAE: it trains on the VAE's reconstructions
         make_vocoder(args.work, args.vocoder_steps)
     if args.stage == "hifigan":  # the trained HiFi-GAN that was tried first (see docs/models.md); not shipped
         train_vocoder(args.work, args.vocoder_steps)
-    if args.stage in ("vae", "all"):
-        train_vae(args.work, args.vae_steps)
     if args.stage in ("unet", "all"):
         train_unet(args.work, args.unet_steps)
     if args.stage in ("assemble", "all"):

@@ -1,4 +1,5 @@
-"""The embedded ``tones`` model makes what its prompts ask: pitch within 3%, sweeps the asked way.
+"""The embedded ``tones`` model makes what its prompts ask: pitch within 3%, sweeps the asked way, the chord's
+three notes, the number of beeps.
 
 Generations go through the real engine (sequential, cpu:1) on the shipped weights, at fixed seeds; the full
 grid and its pass rates are scripts/evaluate_tones.py's job (docs/models.md). The analyses themselves are
@@ -46,6 +47,10 @@ GENERATIONS = [
     ("a G4 note", 3),
     ("a rising sweep", 4),
     ("a falling sweep", 5),
+    ("a G major chord", 0),
+    ("an E minor chord", 1),
+    ("three short beeps", 1),
+    ("four short beeps", 2),
 ]
 
 
@@ -74,3 +79,20 @@ def test_generated_sweep_goes_the_asked_way(generated, prompt):
     audio, rate = generated[prompt]
     slope = td.sweep_slope(audio, rate)
     assert td.check(SOUNDS[prompt], audio, rate)["direction"], f"{prompt!r}: slope {slope:+.2f} octaves/s"
+
+
+@pytest.mark.parametrize("prompt", ["a G major chord", "an E minor chord"])
+def test_generated_chord_has_its_three_notes(generated, prompt):
+    audio, rate = generated[prompt]
+    peaks = [round(p) for p in td.spectral_peaks(audio, rate, 3)]
+    wanted = [round(p) for p in SOUNDS[prompt].pitches]
+    assert td.check(SOUNDS[prompt], audio, rate)["chord"], f"{prompt!r}: peaks {peaks} Hz, notes {wanted} Hz"
+
+
+@pytest.mark.parametrize("prompt", ["three short beeps", "four short beeps"])
+def test_generated_beeps_have_the_asked_count_and_pitch(generated, prompt):
+    audio, rate = generated[prompt]
+    checks = td.check(SOUNDS[prompt], audio, rate)
+    assert checks == {"count": True, "pitch": True}, (
+        f"{prompt!r}: {td.onset_count(audio, rate)} onsets, {checks}"
+    )
