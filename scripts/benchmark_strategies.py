@@ -80,6 +80,7 @@ def bench_model(engine: Engine, model: str, args: argparse.Namespace, folder: Pa
         image=conditioning_image(folder) if entry.family == "svd" else None,
         seed=args.seed,
         steps=args.steps,
+        seconds=args.seconds if entry.family == "audioldm2" else None,
     )
     names = list(STRATEGIES) if args.strategies == "all" else args.strategies.split(",")
     specs, refused = [("sequential", "cpu:1")], []
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ranks", default="2,3,4", help="CPU worker counts for multi-device strategies")
     parser.add_argument("--strategies", default="all")
+    parser.add_argument("--seconds", type=float, default=None, help="audio length (default: the model's)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each entry; the median time counts")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args()
