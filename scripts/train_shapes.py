@@ -11,7 +11,8 @@ random T5 encoder over a word-level tokenizer built here. The text goes through 
 sees what inference sees. The result is saved with ``CogVideoXPipeline.save_pretrained`` (safetensors)
 plus ``studio.json`` and the preview factors; loss curves go to ``docs/``.
 
-Everything is seeded. The default step counts were sized for a 2-core machine shared with other jobs.
+Everything is seeded. The default step counts are those of the shipped model (about 70 minutes on an idle
+2-core machine; docs/models.md says where its loops were cut short).
 """
 
 from __future__ import annotations
@@ -400,13 +401,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "shapes", help="stage checkpoints")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--stage", choices=["all", "vae", "transformer", "decoder"], default="all")
-    parser.add_argument("--vae-steps", type=int, default=450)
+    parser.add_argument("--vae-steps", type=int, default=2400)
     parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--transformer-steps", type=int, default=600)
+    parser.add_argument("--transformer-steps", type=int, default=2000)
     parser.add_argument("--transformer-batch", type=int, default=32)
-    parser.add_argument("--decoder-steps", type=int, default=300)
+    parser.add_argument("--decoder-steps", type=int, default=600)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--clips", type=int, default=2160, help="clips encoded for stage 2 (8 per prompt)")
+    parser.add_argument("--clips", type=int, default=5400, help="clips encoded for stage 2 (20 per prompt)")
     parser.add_argument("--guidance-scale", type=float, default=6.0)
     parser.add_argument("--check", type=int, default=12, help="generations in the final smoke check")
     # One thread on a shared machine: measured 2-3 s per VAE step against 6 s with two threads, whose
