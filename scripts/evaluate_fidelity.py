@@ -2,7 +2,7 @@
 
     nice -n 19 .venv/bin/python scripts/evaluate_fidelity.py [--models shapes,tones] [--seeds 1]
         [--strategies sequential@cpu:1,parastep@cpu:2,parastep@cpu:3,parastep@cpu:4,batchstep@cpu:1]
-        [--stride 1] [--json FILE]
+        [--stride 1] [--option warmup=3] [--json FILE]
 
 For each model every prompt of its grammar (``shapes``: every colour x shape x motion, the background
 rotating with the prompt; ``tones``: all 32 prompts) is generated with each seed under each strategy,
@@ -90,7 +90,12 @@ READERS = {
 
 
 def evaluate_model(
-    engine: Engine, model: str, specs: list[tuple[str, str]], seeds: int, stride: int
+    engine: Engine,
+    model: str,
+    specs: list[tuple[str, str]],
+    seeds: int,
+    stride: int,
+    options: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per strategy entry: mean fidelity against the first entry, pass rates, timings."""
     family = engine.catalog.resolve(model).family
@@ -102,12 +107,23 @@ def evaluate_model(
     rows = []
     for strategy, devices in specs:
         started = time.time()
-        row: dict[str, Any] = {"strategy": strategy, "devices": devices, "fidelity": [], "latent_rel_l2": []}
+        row: dict[str, Any] = {
+            "strategy": strategy,
+            "devices": devices,
+            "options": own_options(strategy, options or {}),
+            "fidelity": [],
+            "latent_rel_l2": [],
+        }
         passes: dict[str, list[bool]] = {}
         same, denoise = [], []
         for prompt, spec, seed in cases:
             request = GenerationRequest(
-                model=model, prompt=prompt, seed=seed, strategy=strategy, devices=devices
+                model=model,
+                prompt=prompt,
+                seed=seed,
+                strategy=strategy,
+                devices=devices,
+                strategy_options=own_options(strategy, options or {}),
             )
             plan = engine.plan(request)
             row["ideal_speedup"], row["modality"] = plan.ideal_speedup, plan.adapter.modality
@@ -137,6 +153,14 @@ def evaluate_model(
     return rows
 
 
+def own_options(strategy: str, options: dict[str, int]) -> dict[str, int]:
+    """The --option values that `strategy` takes (the reference takes none)."""
+    from engine.strategies import strategy_class
+
+    names = {o.name for o in strategy_class(strategy).options}
+    return {k: v for k, v in options.items() if k in names}
+
+
 def mean_metric(row: dict[str, Any], name: str) -> float | None:
     values = [f[name] for f in row["fidelity"] if name in f]
     if not values:
@@ -159,7 +183,8 @@ def markdown(model: str, rows: list[dict[str, Any]]) -> str:
     head = ["strategy", "ideal", *labels, "latent rel. L2", *attributes, "same reading", "denoise s"]
     lines = [f"| {' | '.join(head)} |", "|" + " --- |" * len(head)]
     for row in rows:
-        cells = [f"`{row['strategy']}@{row['devices']}`", f"{row['ideal_speedup']:.2f}x"]
+        own = "".join(f" {k}={v}" for k, v in row["options"].items())
+        cells = [f"`{row['strategy']}@{row['devices']}`{own}", f"{row['ideal_speedup']:.2f}x"]
         for metric in metrics:
             value = mean_metric(row, metric)
             cells.append(
@@ -180,9 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--stride", type=int, default=1, help="every Nth prompt only (a quicker run)")
+    parser.add_argument(
+        "--option", action="append", default=[], help="NAME=INT for every entry that takes it, e.g. warmup=3"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     specs = parse_strategy_specs(args.strategies, "cpu:1")
+    options = {name: int(value) for name, _, value in (o.partition("=") for o in args.option)}
     if specs[0][0] != "sequential":
         raise SystemExit("--strategies must start with the reference, e.g. sequential@cpu:1.")
     started = time.time()
@@ -190,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     sections = []
     with Engine() as engine:
         for model in (m.strip() for m in args.models.split(",") if m.strip()):
-            rows = evaluate_model(engine, model, specs, args.seeds, args.stride)
+            rows = evaluate_model(engine, model, specs, args.seeds, args.stride, options)
             report["models"][model] = rows
             sections.append(markdown(model, rows))
     report["minutes"] = (time.time() - started) / 60
