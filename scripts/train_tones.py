@@ -342,27 +342,24 @@ def vae_round_trip(vae, mels: torch.Tensor) -> torch.Tensor:
 def make_vocoder(work: Path, steps: int) -> None:
     """The shipped vocoder: the oscillator bank as the initialisation, then `steps` of training (see
     train_vocoder) of how it reads the mel (conv_pre) and assembles samples (the second upsampler,
-    conv_post), the oscillators' waveforms (the first upsampler) frozen; checked on clean mels before and
-    after. Measured (docs/models.md): training the waveforms too, or with the coarse STFT resolutions (31
-    and 16 Hz bins, which cannot tell neighbouring oscillators apart), lowered the loss as much but let
-    the middle note of chords sink under its neighbours (chords 9-10/12 instead of 11/12)."""
+    conv_post), the oscillators' waveforms (the first upsampler) frozen; checked on held-out clean and
+    VAE-reconstructed mels before and after. Measured (docs/models.md): training the waveforms too, or
+    with the coarse STFT resolutions (31 and 16 Hz bins, which cannot tell neighbouring oscillators
+    apart), lowered the loss as much but let the middle note of chords sink under its neighbours (chords
+    9-10/12 instead of 11/12)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()  # the vocoder learns from its reconstructions
     vocoder = build_oscillator_vocoder()
     report = {"bank": vocoder_checks(vocoder, vae), "bank_loss": held_out_loss(vocoder, vae)}
-    log(f"oscillator bank on ground-truth mels: {report['bank']}, held-out loss {report['bank_loss']}")
+    log(f"oscillator bank on held-out mels: {report['bank']}, held-out loss {report['bank_loss']}")
     if steps:
         vocoder.upsampler[0].requires_grad_(False)
         fine = tuple(size for size in STFT_SIZES if size[0] >= 1024)
-
         vocoder = train_vocoder(work, steps, vocoder, peak_lr=VOCODER_TUNE_LR, sizes=fine, vae=vae).eval()
         report["trained"] = vocoder_checks(vocoder, vae)
         report["trained_loss"] = held_out_loss(vocoder, vae)
-        log(
-            f"trained vocoder on ground-truth mels: {report['trained']}, "
-            f"held-out loss {report['trained_loss']}"
-        )
+        log(f"trained vocoder on held-out mels: {report['trained']}, held-out loss {report['trained_loss']}")
     vocoder.save_pretrained(work / "vocoder", safe_serialization=True)
     (work / "vocoder_check.json").write_text(json.dumps(report))
 
@@ -605,8 +602,7 @@ def assemble(work: Path, out: Path) -> None:
         "description": (
             f"Tones: a small AudioLDM2 (audioldm2-large layout, {td.SAMPLE_RATE} Hz; UNet, mel VAE and "
             f"vocoder trained, the vocoder from an oscillator bank) for synthetic sounds: sine tones, notes, "
-            f"major/minor chords, "
-            f"rising/falling sweeps, noise bursts, beeps (e.g. {words})."
+            f"major/minor chords, rising/falling sweeps, noise bursts, beeps (e.g. {words})."
         ),
         "defaults": dict(DEFAULTS),
     }
