@@ -107,10 +107,11 @@ def evaluate_model(
     rows = []
     for strategy, devices in specs:
         started = time.time()
+        own = own_options(strategy, options or {})
         row: dict[str, Any] = {
             "strategy": strategy,
             "devices": devices,
-            "options": own_options(strategy, options or {}),
+            "options": own,
             "fidelity": [],
             "latent_rel_l2": [],
         }
@@ -123,7 +124,7 @@ def evaluate_model(
                 seed=seed,
                 strategy=strategy,
                 devices=devices,
-                strategy_options=own_options(strategy, options or {}),
+                strategy_options=own,
             )
             plan = engine.plan(request)
             row["ideal_speedup"], row["modality"] = plan.ideal_speedup, plan.adapter.modality
