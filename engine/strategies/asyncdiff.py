@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 import inspect
-import json
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from engine.errors import UserError
 from engine.protocol import RankCounters
 from engine.strategies.base import Strategy, StrategyOption, denoiser_of, split_output
+from engine.strategies.denoiser_info import denoiser_class_name, denoiser_config
 
 BLOCK_HOOK_NAME = "asyncdiff_block"
 SUPPORTED_DENOISERS = (
@@ -100,18 +100,6 @@ def denoiser_blocks(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
         f"AsyncDiff cannot split a {kind}.",
         f"It splits {', '.join(SUPPORTED_DENOISERS)}; use another strategy for this model.",
     )
-
-
-def _denoiser_config(entry: Any) -> dict[str, Any]:
-    for folder in ("transformer", "unet"):
-        config = entry.path / folder / "config.json"
-        if config.is_file():
-            return json.loads(config.read_text())
-    return {}
-
-
-def _denoiser_class(entry: Any) -> str:
-    return _denoiser_config(entry).get("_class_name", "")
 
 
 def config_block_count(config: dict[str, Any]) -> int | None:
@@ -249,7 +237,7 @@ class AsyncDiffStrategy(Strategy):
 
     @classmethod
     def unavailable_reason(cls, entry: Any) -> str | None:
-        kind = _denoiser_class(entry)
+        kind = denoiser_class_name(entry.path)
         if kind not in SUPPORTED_DENOISERS:
             return (
                 f"AsyncDiff splits {', '.join(SUPPORTED_DENOISERS)} into parts; this model's denoiser is "
@@ -269,7 +257,7 @@ class AsyncDiffStrategy(Strategy):
 
     @classmethod
     def check_model_request(cls, request: Any, entry: Any, ranks: int) -> None:
-        blocks = config_block_count(_denoiser_config(entry))
+        blocks = config_block_count(denoiser_config(entry.path))
         if blocks is not None:
             _check_parts(blocks, ranks, int(request.strategy_options.get("stride", 1)))
 

@@ -14,16 +14,21 @@ from typing import Any
 DENOISER_COMPONENTS = ("transformer", "unet")
 
 
-def denoiser_class_name(path: Path) -> str | None:
-    """`_class_name` of the pipeline's transformer, else its UNet (None when neither config exists)."""
+def denoiser_config(path: Path) -> dict[str, Any]:
+    """The config of the pipeline's transformer, else its UNet ({} when neither config can be read)."""
     for component in DENOISER_COMPONENTS:
         config = Path(path) / component / "config.json"
         if config.is_file():
             try:
-                return json.loads(config.read_text()).get("_class_name")
+                return json.loads(config.read_text())
             except (OSError, ValueError):
-                return None
-    return None
+                return {}
+    return {}
+
+
+def denoiser_class_name(path: Path) -> str | None:
+    """`_class_name` of the pipeline's transformer, else its UNet (None when neither config exists)."""
+    return denoiser_config(path).get("_class_name")
 
 
 def denoiser_class(path: Path) -> type | None:
