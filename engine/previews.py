@@ -167,7 +167,7 @@ def write_model_factors(folder: Path, image: str | None = None) -> Path:
         request = adapter.resolve(
             GenerationRequest(model=str(folder), prompt="a preview", image=image, steps=4), entry
         )
-        kwargs = adapter.pipeline_kwargs(request, torch.Generator("cpu").manual_seed(0))
+        kwargs = adapter.pipeline_kwargs(pipe, request, torch.Generator("cpu").manual_seed(0))
         with torch.inference_mode():
             result = pipe(**kwargs)
         latents = result.frames if hasattr(result, "frames") else result.audios

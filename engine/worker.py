@@ -166,7 +166,7 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
     strategy = strategy_class(request.strategy)(ctx)
     # A CPU generator on every device: the same seed gives the same noise on CPU workers and GPUs.
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    kwargs = adapter.pipeline_kwargs(request, generator)
+    kwargs = adapter.pipeline_kwargs(pipe, request, generator)
     decodes_in_pipeline = getattr(adapter, "decodes_in_pipeline", False)
     if rank > 0 and decodes_in_pipeline:
         kwargs["output_type"] = "latent"  # only rank 0 decodes

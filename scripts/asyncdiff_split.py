@@ -55,7 +55,7 @@ def denoiser_call(plan: Any, pipe: Any) -> tuple[tuple, dict]:
     handle = denoiser.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.inference_mode():
-            pipe(**plan.adapter.pipeline_kwargs(plan.request, torch.Generator("cpu").manual_seed(0)))
+            pipe(**plan.adapter.pipeline_kwargs(pipe, plan.request, torch.Generator("cpu").manual_seed(0)))
     except _Stop:
         pass
     finally:

@@ -48,7 +48,7 @@ def stock_denoise_seconds(plan, repeats: int) -> list[float]:
     for _ in range(repeats):
         marks.clear()
         kwargs = plan.adapter.pipeline_kwargs(
-            plan.request, torch.Generator("cpu").manual_seed(plan.request.seed)
+            pipe, plan.request, torch.Generator("cpu").manual_seed(plan.request.seed)
         )
         with torch.inference_mode():
             pipe(**kwargs, callback_on_step_end=step_end)
@@ -74,7 +74,7 @@ def denoiser_call_ms(plan, calls: int = 20) -> float:
     handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
     request = dataclasses.replace(plan.request, steps=1)
     with torch.inference_mode():
-        pipe(**plan.adapter.pipeline_kwargs(request, torch.Generator("cpu").manual_seed(0)))
+        pipe(**plan.adapter.pipeline_kwargs(pipe, request, torch.Generator("cpu").manual_seed(0)))
         handle.remove()
         args, kwargs = recorded["call"]
         times = []

@@ -307,7 +307,7 @@ def stock_call(pipe: Any, plan: Any, timer: Timer, steps: int | None = None) -> 
 
     handle = denoiser.register_forward_pre_hook(first_call, with_kwargs=True)
     scheduler.step = timed_step
-    kwargs = plan.adapter.pipeline_kwargs(request, torch.Generator("cpu").manual_seed(request.seed))
+    kwargs = plan.adapter.pipeline_kwargs(pipe, request, torch.Generator("cpu").manual_seed(request.seed))
     try:
         timer.reset_peak()
         start = timer.now()

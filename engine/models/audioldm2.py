@@ -56,7 +56,7 @@ class AudioLDM2Adapter(FamilyAdapter):
                 f"Use --seconds between {shortest:.3f} and {MAX_SECONDS:.0f}.",
             )
 
-    def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+    def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         return {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt or None,

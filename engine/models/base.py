@@ -71,7 +71,7 @@ class FamilyAdapter:
         index no longer matches the installed libraries)."""
         return {}
 
-    def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+    def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         raise NotImplementedError
 
     def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:

@@ -43,7 +43,7 @@ class CogVideoXAdapter(FamilyAdapter):
         if not request.fps or request.fps < 1:
             raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 8.")
 
-    def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+    def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         return {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt or None,
@@ -53,6 +53,9 @@ class CogVideoXAdapter(FamilyAdapter):
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,
             "use_dynamic_cfg": False,
+            # The transformer adds its positions to exactly this many text tokens (226 on the published
+            # models); the pipeline pads the prompt to max_sequence_length, so the two must agree.
+            "max_sequence_length": pipe.transformer.config.max_text_seq_length,
             "generator": generator,
             "output_type": "latent",
         }

@@ -50,7 +50,7 @@ class GenericAdapter(FamilyAdapter):
                 "Use a CogVideoX, Stable Video Diffusion, AudioLDM2 or similar text-to-video/audio pipeline.",
             )
 
-    def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+    def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         wanted = {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt or None,

@@ -61,7 +61,7 @@ class SVDAdapter(FamilyAdapter):
                 "Use --guidance-scale 1.0 or more.",
             )
 
-    def pipeline_kwargs(self, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+    def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         return {
             "image": load_image(request.image),
             "num_frames": request.frames,
