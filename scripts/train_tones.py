@@ -4,18 +4,21 @@
 
 Stages, each saving into ``--work`` (default build/tones_train) so that they can run separately:
 
-* ``vocoder``: a SpeechT5HifiGan (the HiFi-GAN class AudioLDM2 uses) initialised as an oscillator bank on a
-  10 Hz grid read off the log-mel (see build_oscillator_vocoder), then trained with the log-mel L1 and
-  fine-resolution STFT losses, its oscillators' waveforms frozen (see make_vocoder). HiFi-GANs trained from a
-  random start (``hifigan`` stage, no discriminator) did not learn pitch in the CPU budget: after 500-750
-  steps they put out one or two fixed frequencies whatever the mel;
+* ``vocoder``: a SpeechT5HifiGan (the HiFi-GAN class AudioLDM2 uses) whose weights are set to an oscillator
+  bank on the whole 10 Hz grid from 100 Hz to 3 kHz, read off the log-mel, the lines between the tonal ones
+  opened only by broadband (noise) mels (see build_oscillator_vocoder); ``--vocoder-steps`` trains it further
+  (see make_vocoder: measured to cost chords, so the default is 0). It reads the VAE from the work folder,
+  else from the shipped model. HiFi-GANs trained from a random start (``hifigan`` stage, no discriminator)
+  did not learn pitch in the CPU budget: after 500-750 steps they put out one or two fixed frequencies
+  whatever the mel;
 * ``vae``: the mel AutoencoderKL (4x compression in time and frequency, as AudioLDM2's);
 * ``unet``: the AudioLDM2UNet2DConditionModel predicting the clean latent (``sample``; epsilon prediction
   diverged at high noise after this little training), 10% dropped prompts for guidance, conditioned on the
   frozen random text side's embeddings, computed once per prompt with the pipeline's own ``encode_prompt``
   (so training sees exactly the tensors inference feeds);
 * ``assemble``: the AudioLDM2Pipeline saved (safetensors) to resources/models/tones with studio.json and
-  preview_factors.json, and the loss curves drawn to docs/tones_training.png.
+  preview_factors.json, and the loss curves drawn to docs/tones_training.png. Each part comes from the work
+  folder, else from the shipped model (so ``vocoder`` then ``assemble`` rebuilds only the vocoder).
 
 The text side (CLAP text encoder, Flan-T5-style encoder, GPT-2, projection) stays frozen at its seeded random
 initialisation; its tokenizers are word-level over the grammar's vocabulary, so every word of a prompt is one
@@ -249,72 +252,132 @@ def build_pipeline(vocoder=None, vae=None, unet=None):
 
 
 VOCODER_TUNE_LR = 1e-4  # training from the oscillator bank: small steps keep its pitch while it learns
-OSCILLATOR_RATES = [50, 16]  # 100 ms frames -> 500 Hz in 16 polyphase channels -> 8 kHz
+OSCILLATOR_BAND = (100, 3000)  # Hz: every line of the 10 Hz grid in this band (where the analyses look)
+OSCILLATOR_PHASES = 200  # output samples per step of the first upsampler: its channels, one per phase
+# 10 Hz frames -> 40 Hz x 200 phases, then transposed convolutions that only interleave phases:
+# 80 Hz x 100, 160 Hz x 50, 320 Hz x 25, 1.6 kHz x 5, 8 kHz x 1.
+OSCILLATOR_RATES = [td.HOP // OSCILLATOR_PHASES, 2, 2, 2, 5, 5]
 
 
 def oscillator_hz() -> list[int]:
-    """The oscillator bank: each pitch of the grammar (on the 10 Hz grid) and every 50 Hz from 150 to 2600."""
+    """The oscillator bank: every multiple of the frame rate (10 Hz) in OSCILLATOR_BAND."""
+    step = td.SAMPLE_RATE // td.HOP
+    return list(range(OSCILLATOR_BAND[0], OSCILLATOR_BAND[1] + 1, step))
+
+
+def tonal_hz() -> set[int]:
+    """The oscillators that play whatever the mel: each pitch of the grammar (on the 10 Hz grid) and every
+    50 Hz from 150 to 2600 Hz (the whole bank before noise was wanted). The others are noise oscillators."""
     wanted = {round(p / 10) * 10 for sound in td.grammar() for p in sound.pitches}
-    return sorted(wanted | set(range(150, 2650, 50)))
+    return wanted | set(range(150, 2650, 50))
 
 
-def build_oscillator_vocoder(threshold: float = -1.0, gain: float = 0.08, offset: float = 10.0):
-    """A SpeechT5HifiGan whose weights are set, not trained, to an oscillator bank on the 10 Hz grid.
+def _mel_reader(freqs: list[int]) -> np.ndarray:
+    """[len(freqs), N_MELS]: each oscillator's level as a linear function of the log-mel frame, the
+    quadratic interpolation between the three mel bins nearest its frequency."""
+    edges = td._mel_to_hz(np.linspace(td._hz_to_mel(0.0), td._hz_to_mel(td.F_MAX), td.N_MELS + 2))
+    centres = td._hz_to_mel(edges[1:-1])
+    step = centres[1] - centres[0]
+    rows = np.zeros((len(freqs), td.N_MELS))
+    for j, hz in enumerate(freqs):
+        position = float((td._hz_to_mel(hz) - centres[0]) / step)
+        m0 = int(np.clip(round(position), 1, td.N_MELS - 2))
+        u = position - m0
+        for dm, weight in ((-1, u * (u - 1) / 2), (0, 1 - u * u), (1, u * (u + 1) / 2)):
+            rows[j, m0 + dm] += weight
+    return rows
 
-    conv_pre reads each oscillator's level off the log-mel (quadratic interpolation between the three nearest
-    mel bins, minus `threshold`); the leaky ReLUs become exact ReLUs with a second, offset copy of each level
-    and a constant channel (relu(y) = (lrelu(y) - s (y + offset)) / (1 - s) + s offset / (1 - s)); the first
-    upsampler overlap-adds Hann-windowed sines (whole cycles per 100 ms frame, so phases line up) into 16
-    polyphase channels, kept positive by `offset`; the second interleaves them into samples, and conv_post
-    removes the offset. The residual blocks are zero, hence identities.
+
+def build_oscillator_vocoder(
+    threshold: float = -1.0,
+    gain: float = 0.08,
+    offset: float = 10.0,
+    gate: float = -1.5,
+    gate_weight: float = 2.0,
+    noise_gain: float = 0.25,
+):
+    """A SpeechT5HifiGan whose weights are set, not trained, to an oscillator bank on the whole 10 Hz grid
+    from 100 Hz to 3 kHz (291 sines with seeded random phases).
+
+    conv_pre reads each oscillator's level off the log-mel (see _mel_reader), minus `threshold`. The tonal
+    oscillators (tonal_hz) play at that level; the noise oscillators, the lines between them, add
+    `gate_weight` times the excess of the band's mean log-mel (100 Hz - 3 kHz) over `gate`: a tone, chord,
+    sweep or beep leaves most of the band at the floor (mean log-mel at most -2.97 on every generated clip
+    of the grammar) and keeps them silent, so the tonal content sounds as from the tonal oscillators alone;
+    a noise burst (mean -2 to 0) opens them, and every line of the 10 Hz comb carries energy. conv_pre also
+    passes the log-mel itself and a constant, both raised by `offset` so that they stay positive: the leaky
+    ReLU is made an exact ReLU as lrelu(y) = (1 - s) relu(y) + s y, with s y, linear in the mel, taken back
+    through those channels. The first upsampler overlap-adds each oscillator's Hann-windowed sine (two
+    frames long, whole cycles per 100 ms frame, so phases line up across frames) into 200 polyphase
+    channels, kept positive by `offset`; the next ones interleave them into samples (weights 0 or 1), and
+    conv_post removes the offset. The residual blocks are zero, hence identities.
     """
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
     freqs = oscillator_hz()
-    n, rate, phases = len(freqs), OSCILLATOR_RATES[0], OSCILLATOR_RATES[1]
+    n, phases = len(freqs), OSCILLATOR_PHASES
+    channels = n + td.N_MELS + 1  # levels, the mel + offset, the constant
+    rates = OSCILLATOR_RATES
+    assert channels // 2 >= phases and math.prod(rates) == td.HOP
     vocoder = SpeechT5HifiGan(
         SpeechT5HifiGanConfig(
             model_in_dim=td.N_MELS,
             sampling_rate=td.SAMPLE_RATE,
-            upsample_initial_channel=2 * n + 1,
-            upsample_rates=OSCILLATOR_RATES,
-            upsample_kernel_sizes=[2 * rate, phases],
+            upsample_initial_channel=channels,
+            upsample_rates=rates,
+            upsample_kernel_sizes=[2 * rates[0], *rates[1:]],  # the first spans two frames, 50% overlap
             resblock_kernel_sizes=[1],
             resblock_dilation_sizes=[[1]],
             normalize_before=False,
         )
     )
     slope = vocoder.config.leaky_relu_slope
-    edges = td._mel_to_hz(np.linspace(td._hz_to_mel(0.0), td._hz_to_mel(td.F_MAX), td.N_MELS + 2))
-    centres = td._hz_to_mel(edges[1:-1])
-    step = centres[1] - centres[0]
-    tau = np.arange(2 * rate)
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * tau / (2 * rate))  # periodic Hann: sums to 1 at 50% overlap
-    pad = rate // 2  # the upsampler's padding, (kernel - stride) // 2
+    reader = _mel_reader(freqs)  # [n, N_MELS]
+    edges = td._mel_to_hz(np.linspace(td._hz_to_mel(0.0), td._hz_to_mel(td.F_MAX), td.N_MELS + 2))[1:-1]
+    band = (edges >= OSCILLATOR_BAND[0]) & (edges <= OSCILLATOR_BAND[1])
+    noise = np.array([hz not in tonal_hz() for hz in freqs])
+    reader[noise] += gate_weight * band / band.sum()
+    bias = np.where(noise, -threshold - gate_weight * gate, -threshold)
+    rng = np.random.default_rng(SEED)
+    # Sample tau of a frame's kernel, from the frame's start: -HOP/2 .. 3 HOP/2, centred on the frame's
+    # centre (log_mel centres frame k on sample k HOP + HOP / 2).
+    tau = np.arange(2 * td.HOP) - td.HOP // 2
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(2 * td.HOP) / (2 * td.HOP))  # periodic Hann
+    gains = gain * np.where(noise, noise_gain, 1.0)
+    kernels = np.stack(
+        [
+            g * window * np.sin(2 * np.pi * hz * tau / td.SAMPLE_RATE + rng.uniform(0, 2 * np.pi))
+            for g, hz in zip(gains, freqs, strict=True)
+        ]
+    )  # [n, 2 HOP]
+    mel_kernels = -slope / (1 - slope) * reader.T @ kernels  # [N_MELS, 2 HOP]: takes s y back
+    constant = slope / (1 - slope) * (offset * reader.sum(1) - bias) @ kernels / offset
+
+    def taps(kernel: np.ndarray) -> torch.Tensor:
+        # output sample (k - pad) * phases + p of the frame <- tap k, channel p; pad = rates[0] // 2
+        return torch.tensor(kernel.reshape(2 * rates[0], phases).T, dtype=torch.float32)
+
     with torch.no_grad():
         for parameter in vocoder.parameters():
             parameter.zero_()
         pre_w, pre_b, up_w = vocoder.conv_pre.weight, vocoder.conv_pre.bias, vocoder.upsampler[0].weight
-        total = np.zeros((phases, 2 * rate))
-        for j, hz in enumerate(freqs):
-            position = (td._hz_to_mel(hz) - centres[0]) / step
-            m0 = int(np.clip(round(float(position)), 1, td.N_MELS - 2))
-            u = float(position) - m0
-            for dm, weight in ((-1, u * (u - 1) / 2), (0, 1 - u * u), (1, u * (u + 1) / 2)):
-                pre_w[j, m0 + dm, 3] = weight
-                pre_w[n + j, m0 + dm, 3] = weight
-            pre_b[j] = -threshold
-            pre_b[n + j] = -threshold + offset
-            for p in range(phases):
-                kernel = gain * window * np.sin(2 * np.pi * hz * (phases * (tau - pad) + p) / td.SAMPLE_RATE)
-                up_w[j, p] = torch.tensor(kernel / (1 - slope))
-                up_w[n + j, p] = torch.tensor(-slope * kernel / (1 - slope))
-                total[p] += kernel
-        pre_b[2 * n] = offset  # the constant channel
-        up_w[2 * n, :phases] = torch.tensor(slope / (1 - slope) * total)
+        pre_w[:n, :, 3] = torch.tensor(reader, dtype=torch.float32)
+        pre_b[:n] = torch.tensor(bias, dtype=torch.float32)
+        for m in range(td.N_MELS):
+            pre_w[n + m, m, 3] = 1.0
+        pre_b[n : n + td.N_MELS] = offset
+        pre_b[channels - 1] = offset  # the constant channel
+        for j in range(n):
+            up_w[j, :phases] = taps(kernels[j] / (1 - slope))
+        for m in range(td.N_MELS):
+            up_w[n + m, :phases] = taps(mel_kernels[m])
+        up_w[channels - 1, :phases] = taps(constant)
         vocoder.upsampler[0].bias[:phases] = offset
-        for p in range(phases):
-            vocoder.upsampler[1].weight[p, 0, p] = 1.0
+        for i, rate in enumerate(rates[1:], start=1):  # phase p = r * (P / rate) + q -> channel q, tap r
+            out = phases // math.prod(rates[1 : i + 1])
+            for r in range(rate):
+                for q in range(out):
+                    vocoder.upsampler[i].weight[r * out + q, q, r] = 1.0
         vocoder.conv_post.weight[0, 0, 3] = 1.0
         vocoder.conv_post.bias[0] = -offset
     return vocoder.eval()
@@ -339,17 +402,19 @@ def vae_round_trip(vae, mels: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.encode(mels.unsqueeze(1)).latent_dist.mode()).sample.squeeze(1)
 
 
-def make_vocoder(work: Path, steps: int) -> None:
-    """The shipped vocoder: the oscillator bank as the initialisation, then `steps` of training (see
-    train_vocoder) of how it reads the mel (conv_pre) and assembles samples (the second upsampler,
-    conv_post), the oscillators' waveforms (the first upsampler) frozen; checked on held-out clean and
-    VAE-reconstructed mels before and after. Measured (docs/models.md): training the waveforms too, or
-    with the coarse STFT resolutions (31 and 16 Hz bins, which cannot tell neighbouring oscillators
-    apart), lowered the loss as much but let the middle note of chords sink under its neighbours (chords
-    9-10/12 instead of 11/12)."""
+def make_vocoder(work: Path, steps: int, vae_dir: Path) -> None:
+    """The shipped vocoder: the oscillator bank as set (build_oscillator_vocoder), checked on held-out clean
+    and VAE-reconstructed mels (the VAE from `vae_dir`). With `steps`, it is then trained (see
+    train_vocoder) in how it reads the mel (conv_pre) and assembles samples (the later upsamplers,
+    conv_post), the oscillators' waveforms (the first upsampler) frozen. Measured (docs/models.md): 400
+    steps lowered the held-out loss by 13% but cost chords end to end (the middle note of C minor and D
+    major sinks under its neighbours: 92% -> 83%), 100 steps cost more (67%); so none are (default 0).
+    Training the waveforms too, or with the coarse STFT resolutions (31 and 16 Hz bins, which cannot tell
+    neighbouring oscillators apart), did no better on the previous 65-oscillator bank (chords 9-10/12 on
+    held-out mels instead of 11/12)."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()  # the vocoder learns from its reconstructions
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # the vocoder learns from its reconstructions
     vocoder = build_oscillator_vocoder()
     report = {"bank": vocoder_checks(vocoder, vae), "bank_loss": held_out_loss(vocoder, vae)}
     log(f"oscillator bank on held-out mels: {report['bank']}, held-out loss {report['bank_loss']}")
@@ -360,6 +425,8 @@ def make_vocoder(work: Path, steps: int) -> None:
         report["trained"] = vocoder_checks(vocoder, vae)
         report["trained_loss"] = held_out_loss(vocoder, vae)
         log(f"trained vocoder on held-out mels: {report['trained']}, held-out loss {report['trained_loss']}")
+    else:
+        (work / "vocoder_losses.json").unlink(missing_ok=True)  # no curve to draw for a set bank
     vocoder.save_pretrained(work / "vocoder", safe_serialization=True)
     (work / "vocoder_check.json").write_text(json.dumps(report))
 
@@ -528,11 +595,11 @@ def separation(states: torch.Tensor) -> float:
     return float(off.min() / off.median())
 
 
-def train_unet(work: Path, steps: int) -> None:
+def train_unet(work: Path, steps: int, vae_dir: Path) -> None:
     from diffusers import AutoencoderKL
 
     _, mels, labels = dataset()
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     pipe = build_pipeline(vae=vae)
     embeds = prompt_embeddings(pipe, td.grammar())
     log(
@@ -584,6 +651,17 @@ def train_unet(work: Path, steps: int) -> None:
     (work / "unet_losses.json").write_text(json.dumps({"seconds": time.time() - start, "losses": losses}))
 
 
+def trained_part(work: Path, out: Path, name: str) -> Path:
+    """Where a later stage reads part `name` (vae, vocoder, unet): this run's work folder when a stage made
+    it there, else the shipped model's folder `out` (e.g. only the vocoder retrained on a fresh checkout)."""
+    if (work / name).is_dir():
+        return work / name
+    if (out / name).is_dir():
+        log(f"no {name} in {work}: using the shipped {out / name}")
+        return out / name
+    raise SystemExit(f"no {name} in {work} or {out}: run the {name} stage first")
+
+
 def assemble(work: Path, out: Path) -> None:
     from diffusers import AudioLDM2UNet2DConditionModel, AutoencoderKL
     from transformers import SpeechT5HifiGan
@@ -591,18 +669,18 @@ def assemble(work: Path, out: Path) -> None:
     from engine.previews import write_model_factors
     from resources.build_tiny_models import save_model
 
-    pipe = build_pipeline(
-        vocoder=SpeechT5HifiGan.from_pretrained(work / "vocoder"),
-        vae=AutoencoderKL.from_pretrained(work / "vae"),
-        unet=AudioLDM2UNet2DConditionModel.from_pretrained(work / "unet"),
+    pipe = build_pipeline(  # loaded whole into memory before save_model replaces `out`
+        vocoder=SpeechT5HifiGan.from_pretrained(trained_part(work, out, "vocoder")),
+        vae=AutoencoderKL.from_pretrained(trained_part(work, out, "vae")),
+        unet=AudioLDM2UNet2DConditionModel.from_pretrained(trained_part(work, out, "unet")),
     )
     words = ", ".join(s.prompt for s in td.grammar()[::5])
     studio = {
         "family": "audioldm2",
         "description": (
-            f"Tones: a small AudioLDM2 (audioldm2-large layout, {td.SAMPLE_RATE} Hz; UNet, mel VAE and "
-            f"vocoder trained, the vocoder from an oscillator bank) for synthetic sounds: sine tones, notes, "
-            f"major/minor chords, rising/falling sweeps, noise bursts, beeps (e.g. {words})."
+            f"Tones: a small AudioLDM2 (audioldm2-large layout, {td.SAMPLE_RATE} Hz; UNet and mel VAE "
+            f"trained, the vocoder an oscillator bank set in its weights) for synthetic sounds: sine tones, "
+            f"notes, major/minor chords, rising/falling sweeps, noise bursts, beeps (e.g. {words})."
         ),
         "defaults": dict(DEFAULTS),
     }
@@ -610,7 +688,10 @@ def assemble(work: Path, out: Path) -> None:
     write_model_factors(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"saved {out} ({size / 1e6:.2f} MB)")
-    draw_losses(work, REPO / "docs" / "tones_training.png")
+    if all((work / f"{name}_losses.json").is_file() for name in ("vae", "unet")):
+        draw_losses(work, REPO / "docs" / "tones_training.png")
+    else:  # e.g. only the vocoder rebuilt: the figure of the shipped VAE and UNet stays
+        log(f"no VAE and UNet losses in {work}: docs/tones_training.png kept")
 
 
 def draw_losses(work: Path, target: Path) -> None:
@@ -650,7 +731,7 @@ def main() -> None:
     parser.add_argument("stage", choices=["vocoder", "vae", "unet", "assemble", "all", "hifigan"])
     parser.add_argument("--work", type=Path, default=REPO / "build" / "tones_train")
     parser.add_argument("--out", type=Path, default=REPO / "resources" / "models" / "tones")
-    parser.add_argument("--vocoder-steps", type=int, default=400)
+    parser.add_argument("--vocoder-steps", type=int, default=0, help="training after the set bank")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
@@ -663,11 +744,11 @@ def main() -> None:
     if args.stage in ("vae", "all"):
         train_vae(args.work, args.vae_steps)
     if args.stage in ("vocoder", "all"):  # after the VAE: it trains on the VAE's reconstructions
-        make_vocoder(args.work, args.vocoder_steps)
+        make_vocoder(args.work, args.vocoder_steps, trained_part(args.work, args.out, "vae"))
     if args.stage == "hifigan":  # the trained HiFi-GAN that was tried first (see docs/models.md); not shipped
         train_vocoder(args.work, args.vocoder_steps)
     if args.stage in ("unet", "all"):
-        train_unet(args.work, args.unet_steps)
+        train_unet(args.work, args.unet_steps, trained_part(args.work, args.out, "vae"))
     if args.stage in ("assemble", "all"):
         assemble(args.work, args.out)
     log(f"{args.stage} done in {(time.time() - started) / 60:.1f} min")
