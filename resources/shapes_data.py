@@ -103,8 +103,10 @@ def render(spec: ClipSpec, rng: np.random.Generator, size: int = SIZE, frames: i
     s = size / 32  # the ranges below are for 32 x 32
     t = np.linspace(0.0, 1.0, frames)
     if spec.motion in DIRECTIONS:
-        r = rng.uniform(5.0, 7.0) * s
-        travel = rng.uniform(12.0, 16.0) * s
+        # Large enough that a square's corners and a triangle's apex survive the VAE's 4x compression
+        # (at half-size 5-7 the reconstructions of both read as circles), small enough to travel.
+        r = rng.uniform(7.5, 9.0) * s
+        travel = rng.uniform(9.0, 12.0) * s
         dx, dy = DIRECTIONS[spec.motion]
         margin = r + 1 * s
         along = rng.uniform(margin, size - margin - travel)  # start on the axis of motion
@@ -136,6 +138,10 @@ def render(spec: ClipSpec, rng: np.random.Generator, size: int = SIZE, frames: i
 FOREGROUND_DISTANCE = 0.3  # RGB distance (0-1 units) from the background that counts as foreground
 MIN_MOTION = 3.0  # pixels (at 32 x 32) a clip's winning motion score must reach
 GROWTH_PIXELS = 6.0  # a doubling of the area scores like a shift of 6 * ln 2 = 4.2 pixels
+# Bounding-box fill ratios between the shapes, each half way across the gap between the two classes'
+# ranges on rendered clips (triangle 0.50-0.59, circle 0.72-0.82, square 0.99-1.00; 128 clips).
+FILL_TRIANGLE_CIRCLE = 0.65
+FILL_CIRCLE_SQUARE = 0.905
 
 
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple[float, float, float]]) -> str:
@@ -208,7 +214,7 @@ def read_shape(frames: np.ndarray) -> str | None:
     if not fills:
         return None
     fill = float(np.median(fills))
-    return "triangle" if fill < 0.665 else "circle" if fill < 0.935 else "square"
+    return "triangle" if fill < FILL_TRIANGLE_CIRCLE else "circle" if fill < FILL_CIRCLE_SQUARE else "square"
 
 
 def read_clip(frames: np.ndarray) -> dict[str, str | None]:

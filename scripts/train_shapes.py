@@ -2,17 +2,23 @@
 
     nice -n 19 .venv/bin/python scripts/train_shapes.py [--out resources/models/shapes] > train.log
 
-Stage 1 trains the causal 3D VAE (AutoencoderKLCogVideoX, 4x spatial and 4x temporal compression) on
-clips from ``resources.shapes_data`` and measures its reconstruction (PSNR, and whether colour, shape and
-motion can still be read back from the reconstruction). Stage 2 encodes a fixed set of clips once and
-trains a small CogVideoXTransformer3DModel with v-prediction on those latents, conditioned on a frozen
-random T5 encoder over a word-level tokenizer built here. The text goes through exactly the pipeline's
-``encode_prompt`` (padded to 226 tokens, no attention mask, the empty prompt for guidance), so training
-sees what inference sees. The result is saved with ``CogVideoXPipeline.save_pretrained`` (safetensors)
-plus ``studio.json`` and the preview factors; loss curves go to ``docs/``.
+Stages (``--stage``; ``all`` runs them in order, each saving into ``--work``):
 
-Everything is seeded. The default step counts are those of the shipped model (about 70 minutes on an idle
-2-core machine; docs/models.md says where its loops were cut short).
+* ``vae``: the causal 3D VAE (AutoencoderKLCogVideoX, 4x spatial and 4x temporal compression) on clips from
+  ``resources.shapes_data``, with its reconstruction measured (PSNR, and whether colour, shape and motion
+  can still be read back from it);
+* ``decoder``, then ``sharpen``: the decoder alone, the encoder frozen, first with the pixel loss, then with
+  an edge loss added (``edge_error``). The latent space stays stage 1's, so these may run beside
+  ``transformer`` (one thread each), which reads whichever VAE is newest when it saves;
+* ``transformer``: encodes a fixed set of clips once and trains a small CogVideoXTransformer3DModel (3D
+  rotary positions, as CogVideoX-5b) with v-prediction on those latents, conditioned on a frozen random T5
+  encoder over a word-level tokenizer built here. The text goes through exactly the pipeline's
+  ``encode_prompt`` (padded to the transformer's 16 text tokens, no attention mask, the empty prompt for
+  guidance), so training sees what inference sees. The result is saved with
+  ``CogVideoXPipeline.save_pretrained`` (safetensors) plus ``studio.json`` and the preview factors.
+
+Loss curves go to ``docs/``. Everything is seeded. The default step counts are those of the shipped model;
+docs/models.md gives the commands and times, and where the VAE loops were cut short.
 """
 
 from __future__ import annotations
@@ -44,7 +50,10 @@ from resources.build_tiny_models import FALLBACK_CHARS, build_t5_encoder, save_m
 
 SEED = 0
 ROOT = Path(__file__).resolve().parent.parent
-MAX_TEXT_TOKENS = 226  # CogVideoXPipeline's default max_sequence_length: every prompt is padded to it
+# Every prompt is padded to this many tokens (the transformer's max_text_seq_length, which the engine passes
+# as the pipeline's max_sequence_length). The grammar's longest prompt is 10 tokens; CogVideoX-2b's 226 would
+# make 80% of the transformer's work padding.
+MAX_TEXT_TOKENS = 16
 TEXT_DIM = 64
 LATENT_CHANNELS = 8
 DEFAULTS = {"steps": 20, "frames": data.FRAMES, "height": data.SIZE, "width": data.SIZE, "fps": 8}
@@ -112,7 +121,9 @@ def build_transformer(layers: int) -> CogVideoXTransformer3DModel:
         patch_size=2,
         temporal_compression_ratio=4,
         max_text_seq_length=MAX_TEXT_TOKENS,
-        use_rotary_positional_embeddings=False,  # CogVideoX-2b's sin-cos positions
+        # CogVideoX-5b's 3D rotary positions: attention sees relative offsets in time and space, which
+        # is what a motion is (with 2b's sin-cos table on this 4 x 4 grid, directions were not learned).
+        use_rotary_positional_embeddings=True,
     )
 
 
@@ -195,27 +206,43 @@ def train_vae(
     return vae.eval(), losses
 
 
+def edge_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of the horizontal and vertical pixel differences: it rises with every blurred
+    edge, which is what turns a reconstructed square into a circle for the shape reader."""
+    error = recon - video
+    return (error.diff(dim=-1).abs().mean() + error.diff(dim=-2).abs().mean()) / 2
+
+
 def train_decoder(
-    vae: AutoencoderKLCogVideoX, steps: int, batch: int, stop: StopFlag
+    vae: AutoencoderKLCogVideoX,
+    steps: int,
+    batch: int,
+    stop: StopFlag,
+    lr: float = 1e-3,
+    edge_weight: float = 0.0,
+    seed: int = SEED + 5,
 ) -> tuple[AutoencoderKLCogVideoX, list[float]]:
     """Fine-tunes the decoder with the encoder frozen: the latent space (and so the transformer trained on
-    it) stays valid while the reconstruction sharpens."""
+    it) stays valid while the reconstruction sharpens. ``edge_weight`` adds ``edge_error``."""
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=1e-3, weight_decay=0.0)
-    rng = np.random.default_rng(SEED + 5)
+    optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
     losses, started = [], time.time()
     for step in range(steps):
         if stop(step):
             log(f"decoder stopped at step {step}/{steps}")
             break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3, warmup=20)
+            group["lr"] = lr_at(step, steps, lr, warmup=20)
         video, foreground, _ = clip_batch(rng, batch)
         with torch.no_grad():
             latents = vae.encode(video).latent_dist.sample()
-        error = vae.decode(latents).sample - video
+        recon = vae.decode(latents).sample
+        error = recon - video
         loss = ((1 + 4 * foreground) * (error.abs() + error**2)).mean()
+        if edge_weight:
+            loss = loss + edge_weight * edge_error(recon, video)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
@@ -246,38 +273,64 @@ def measure_vae(vae: AutoencoderKLCogVideoX, count: int = 240) -> dict[str, floa
     return result
 
 
+def latest_vae(work: Path) -> AutoencoderKLCogVideoX:
+    """The last VAE stage's result. The decoder and sharpen stages only tune the decoder, so the encoder
+    (and every latent the transformer trains on) is stage 1's whichever this is."""
+    folder = next(folder for name in ("vae-sharp", "vae-tuned", "vae") if (folder := work / name).exists())
+    log(f"VAE from {folder}")
+    return AutoencoderKLCogVideoX.from_pretrained(folder).eval()
+
+
 # --- Stage 2: the transformer -----------------------------------------------------------------------
 
 
+def latent_foreground(foreground: torch.Tensor, spatial: int = 4, temporal: int = 4) -> torch.Tensor:
+    """Pixel foreground [B, F, H, W] -> [B, F', 1, h, w] on the latent grid (transformer layout): a latent
+    is foreground when any pixel it encodes is. The causal VAE gives frame 0 a latent frame of its own and
+    each later group of ``temporal`` frames one."""
+    grouped = torch.cat([foreground[:, :1], foreground[:, 1:].unflatten(1, (-1, temporal)).amax(2)], dim=1)
+    return torch.nn.functional.max_pool2d(grouped, spatial).unsqueeze(2)
+
+
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKLCogVideoX, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Latent means and stds [N, C, F', h, w] of ``count`` clips covering every prompt evenly, prompts."""
+def encode_dataset(
+    vae: AutoencoderKLCogVideoX, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Latent means and stds [N, C, F', h, w] of ``count`` clips covering every prompt evenly, their
+    latent foreground [N, F', 1, h, w] and their prompts."""
     rng = np.random.default_rng(SEED + 2)
     specs = data.all_specs()
     order = [specs[i % len(specs)] for i in range(count)]
-    means, stds = [], []
+    means, stds, foregrounds = [], [], []
     for start in range(0, count, 32):
         chunk = order[start : start + 32]
         clips = np.stack([data.render(spec, rng) for spec in chunk])
+        backgrounds = np.array([data.BACKGROUNDS[s.background] for s in chunk], np.float32)
+        foreground = np.abs(clips - backgrounds[:, None, None, None]).sum(-1) > 0.02
         video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3) * 2 - 1
         dist = vae.encode(video.contiguous()).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds), [spec.prompt for spec in order]
+        foregrounds.append(latent_foreground(torch.from_numpy(foreground).float()))
+    return torch.cat(means), torch.cat(stds), torch.cat(foregrounds), [spec.prompt for spec in order]
 
 
 def train_transformer(
     pipe: CogVideoXPipeline,
     means: torch.Tensor,
     stds: torch.Tensor,
+    foreground: torch.Tensor,
     prompts: list[str],
     steps: int,
     batch: int,
     stop: StopFlag,
     uncond_rate: float = 0.1,
     ema_decay: float = 0.998,
+    foreground_weight: float = 4.0,
 ) -> list[float]:
-    """Trains ``pipe.transformer`` in place (ending with its EMA weights); returns the losses."""
+    """Trains ``pipe.transformer`` in place (ending with its EMA weights); returns the losses. The error on
+    latents that encode the shape counts ``1 + foreground_weight`` times: the shape is a small part of the
+    frame, and a square's corners are a small part of the shape."""
     transformer, scheduler = pipe.transformer, pipe.scheduler
     scaling = pipe.vae.config.scaling_factor
     with torch.no_grad():  # exactly the pipeline's text path: padded to 226 tokens, "" for guidance
@@ -287,6 +340,8 @@ def train_transformer(
         )
     embed_of = {prompt: embeds[i] for i, prompt in enumerate(unique)}
     text = torch.stack([embed_of[p] for p in prompts])
+    frames = means.shape[2]
+    rotary = pipe._prepare_rotary_positional_embeddings(data.SIZE, data.SIZE, frames, "cpu")  # as the loop
     transformer.train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=0.01)
     ema = [p.detach().clone() for p in transformer.parameters()]
@@ -310,9 +365,14 @@ def train_transformer(
         drop = torch.rand(batch, generator=generator) < uncond_rate
         cond[drop] = empty[0]
         prediction = transformer(
-            hidden_states=noisy, encoder_hidden_states=cond, timestep=t, return_dict=False
+            hidden_states=noisy,
+            encoder_hidden_states=cond,
+            timestep=t,
+            image_rotary_emb=rotary,
+            return_dict=False,
         )[0]
-        loss = (prediction - target).pow(2).mean()
+        weight = 1 + foreground_weight * foreground[index]
+        loss = (weight * (prediction - target).pow(2)).mean() / weight.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -348,6 +408,7 @@ def quick_check(pipe: CogVideoXPipeline, count: int, guidance_scale: float) -> d
             num_inference_steps=DEFAULTS["steps"],
             guidance_scale=guidance_scale,
             use_dynamic_cfg=False,
+            max_sequence_length=MAX_TEXT_TOKENS,
             generator=torch.Generator("cpu").manual_seed(i),
             output_type="pt",
         ).frames[0]  # [F, 3, H, W] in [0, 1]
@@ -400,13 +461,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=EMBEDDED_MODELS_DIR / "shapes")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "shapes", help="stage checkpoints")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--stage", choices=["all", "vae", "transformer", "decoder"], default="all")
+    parser.add_argument("--stage", choices=["all", "vae", "decoder", "sharpen", "transformer"], default="all")
     parser.add_argument("--vae-steps", type=int, default=2400)
     parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--transformer-steps", type=int, default=2000)
+    parser.add_argument("--transformer-steps", type=int, default=8000)
     parser.add_argument("--transformer-batch", type=int, default=32)
     parser.add_argument("--decoder-steps", type=int, default=600)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--sharpen-steps", type=int, default=1200)
+    parser.add_argument("--edge-weight", type=float, default=4.0, help="of edge_error in the sharpen stage")
+    parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--clips", type=int, default=5400, help="clips encoded for stage 2 (20 per prompt)")
     parser.add_argument("--guidance-scale", type=float, default=6.0)
     parser.add_argument("--check", type=int, default=12, help="generations in the final smoke check")
@@ -450,16 +513,32 @@ def main(argv: list[str] | None = None) -> None:
         (args.work / "decoder-report.json").write_text(json.dumps(tuned, indent=1))
     if args.stage == "decoder":
         return
+    if args.stage in ("all", "sharpen"):  # the decoder again, now with the edge loss
+        sharpen_start = time.time()
+        vae = AutoencoderKLCogVideoX.from_pretrained(args.work / "vae-tuned")
+        vae, losses = train_decoder(
+            vae,
+            args.sharpen_steps,
+            args.vae_batch,
+            StopFlag(args.stop_after),
+            lr=5e-4,
+            edge_weight=args.edge_weight,
+            seed=SEED + 6,
+        )
+        sharp = {"steps_done": len(losses), "minutes": (time.time() - sharpen_start) / 60}
+        sharp.update(measure_vae(vae))
+        log(f"VAE with the sharpened decoder: {sharp}")
+        vae.save_pretrained(args.work / "vae-sharp", safe_serialization=True)
+        draw_curve(losses, "shapes VAE decoder sharpening loss", args.docs / "shapes-sharpen-loss.png")
+        (args.work / "sharpen-report.json").write_text(json.dumps(sharp, indent=1))
+    if args.stage == "sharpen":
+        return
 
     stage2 = time.time()
-    # The tuned VAE's encoder is the stage-1 encoder, bit for bit: the same latents either way.
-    tuned_dir = args.work / "vae-tuned"
-    vae = AutoencoderKLCogVideoX.from_pretrained(
-        tuned_dir if tuned_dir.exists() else args.work / "vae"
-    ).eval()
+    vae = latest_vae(args.work)
     if "vae" not in report:
         report["vae"] = measure_vae(vae)
-    means, stds, prompts = encode_dataset(vae, args.clips)
+    means, stds, foreground, prompts = encode_dataset(vae, args.clips)
     samples = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(SEED))
     scaling = float(1 / samples.std())
     vae.register_to_config(scaling_factor=scaling)  # the pipeline reads it at every decode
@@ -475,12 +554,22 @@ def main(argv: list[str] | None = None) -> None:
         scheduler=build_scheduler(),
     )
     losses = train_transformer(
-        pipe, means, stds, prompts, args.transformer_steps, args.transformer_batch, StopFlag(args.stop_after)
+        pipe,
+        means,
+        stds,
+        foreground,
+        prompts,
+        args.transformer_steps,
+        args.transformer_batch,
+        StopFlag(args.stop_after),
     )
     report["transformer_steps_done"] = len(losses)
     report["transformer_minutes"] = (time.time() - stage2) / 60
     draw_curve(losses, "shapes transformer v-prediction loss", args.docs / "shapes-transformer-loss.png")
     log(f"transformer trained in {report['transformer_minutes']:.1f} min")
+    # Read again: a sharpen stage run beside this one (on the other core) may have finished meanwhile.
+    pipe.vae = latest_vae(args.work)
+    pipe.vae.register_to_config(scaling_factor=scaling)
 
     report["quick_check"] = quick_check(pipe, args.check, args.guidance_scale)
     log(f"quick check ({args.check} generations): {report['quick_check']}")
