@@ -273,6 +273,21 @@ def measure_vae(vae: AutoencoderKLCogVideoX, count: int = 240) -> dict[str, floa
     return result
 
 
+def decoder_stage(
+    args: argparse.Namespace, source: str, target: str, name: str, title: str, **tuning
+) -> None:
+    """``train_decoder`` on the VAE in work/``source``, saved to work/``target``, measured into
+    work/``name``-report.json, its loss curve to docs/shapes-``name``-loss.png."""
+    started = time.time()
+    vae = AutoencoderKLCogVideoX.from_pretrained(args.work / source)
+    vae, losses = train_decoder(vae, batch=args.vae_batch, stop=StopFlag(args.stop_after), **tuning)
+    report = {"steps_done": len(losses), "minutes": (time.time() - started) / 60, **measure_vae(vae)}
+    log(f"VAE after the {name} stage: {report}")
+    vae.save_pretrained(args.work / target, safe_serialization=True)
+    draw_curve(losses, title, args.docs / f"shapes-{name}-loss.png")
+    (args.work / f"{name}-report.json").write_text(json.dumps(report, indent=1))
+
+
 def latest_vae(work: Path) -> AutoencoderKLCogVideoX:
     """The last VAE stage's result. The decoder and sharpen stages only tune the decoder, so the encoder
     (and every latent the transformer trains on) is stage 1's whichever this is."""
@@ -501,36 +516,24 @@ def main(argv: list[str] | None = None) -> None:
         report_path.write_text(json.dumps(report, indent=1))
     if args.stage == "vae":
         return
-    if args.stage in ("all", "decoder"):  # needs only the VAE: may run beside the transformer stage
-        decoder_start = time.time()
-        vae = AutoencoderKLCogVideoX.from_pretrained(args.work / "vae")
-        vae, losses = train_decoder(vae, args.decoder_steps, args.vae_batch, StopFlag(args.stop_after))
-        tuned = {"steps_done": len(losses), "minutes": (time.time() - decoder_start) / 60}
-        tuned.update(measure_vae(vae))
-        log(f"VAE with the tuned decoder: {tuned}")
-        vae.save_pretrained(args.work / "vae-tuned", safe_serialization=True)
-        draw_curve(losses, "shapes VAE decoder fine-tune loss", args.docs / "shapes-decoder-loss.png")
-        (args.work / "decoder-report.json").write_text(json.dumps(tuned, indent=1))
+    if args.stage in ("all", "decoder"):
+        decoder_stage(
+            args, "vae", "vae-tuned", "decoder", "shapes VAE decoder fine-tune loss", steps=args.decoder_steps
+        )
     if args.stage == "decoder":
         return
     if args.stage in ("all", "sharpen"):  # the decoder again, now with the edge loss
-        sharpen_start = time.time()
-        vae = AutoencoderKLCogVideoX.from_pretrained(args.work / "vae-tuned")
-        vae, losses = train_decoder(
-            vae,
-            args.sharpen_steps,
-            args.vae_batch,
-            StopFlag(args.stop_after),
+        decoder_stage(
+            args,
+            "vae-tuned",
+            "vae-sharp",
+            "sharpen",
+            "shapes VAE decoder sharpening loss",
+            steps=args.sharpen_steps,
             lr=5e-4,
             edge_weight=args.edge_weight,
             seed=SEED + 6,
         )
-        sharp = {"steps_done": len(losses), "minutes": (time.time() - sharpen_start) / 60}
-        sharp.update(measure_vae(vae))
-        log(f"VAE with the sharpened decoder: {sharp}")
-        vae.save_pretrained(args.work / "vae-sharp", safe_serialization=True)
-        draw_curve(losses, "shapes VAE decoder sharpening loss", args.docs / "shapes-sharpen-loss.png")
-        (args.work / "sharpen-report.json").write_text(json.dumps(sharp, indent=1))
     if args.stage == "sharpen":
         return
 
