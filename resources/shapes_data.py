@@ -138,7 +138,7 @@ def render(spec: ClipSpec, rng: np.random.Generator, size: int = SIZE, frames: i
 FOREGROUND_DISTANCE = 0.3  # RGB distance (0-1 units) from the background that counts as foreground
 MIN_MOTION = 3.0  # pixels (at 32 x 32) a clip's winning motion score must reach
 GROWTH_PIXELS = 6.0  # a doubling of the area scores like a shift of 6 * ln 2 = 4.2 pixels
-# Bounding-box fill ratios between the shapes, each half way across the gap between the two classes'
+# Bounding-box fill ratios between the shapes, each about half way across the gap between the two classes'
 # ranges on rendered clips (triangle 0.50-0.60, circle 0.72-0.84, square 0.98-1.00; 300 clips).
 FILL_TRIANGLE_CIRCLE = 0.65
 FILL_CIRCLE_SQUARE = 0.905
