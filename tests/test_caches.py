@@ -19,7 +19,7 @@ import torch
 from engine.errors import JobCancelled, UserError
 from engine.protocol import GenerationRequest, StepEvent
 from engine.strategies.base import JobContext
-from engine.strategies.caches import CACHE_STRATEGIES, REGISTRY_ATTR
+from engine.strategies.caches import CACHE_STRATEGIES, REGISTRY_ATTR, ratios_file_for
 from engine.strategies.denoiser_info import denoiser_skeleton
 from resources import EMBEDDED_MODELS_DIR
 
@@ -202,3 +202,14 @@ def test_uninstall_removes_exactly_the_hooks_install_added(cls):
     for name, module in denoiser.named_modules():  # diffusers leaves the plain bound method behind
         forward = vars(module).get("forward")
         assert forward is None or getattr(forward, "__func__", None) is type(module).forward, name
+
+
+def test_magcache_calibration_belongs_to_the_weights_not_only_the_folder(tmp_path):
+    """Weights retrained in the same folder (as the embedded models are) need a calibration of their own."""
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"old weights")
+    before = ratios_file_for(tmp_path, "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler")
+    assert before == ratios_file_for(tmp_path, "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler")
+    weights.write_bytes(b"retrained weights")
+    assert before != ratios_file_for(tmp_path, "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler")

@@ -64,7 +64,12 @@ from diffusers.models.attention_processor import Attention, MochiAttention
 
 from engine.errors import UserError
 from engine.strategies.base import JobContext, Strategy, StrategyOption, denoiser_of
-from engine.strategies.denoiser_info import config_mtime, denoiser_class_name, denoiser_skeleton
+from engine.strategies.denoiser_info import (
+    config_mtime,
+    denoiser_class_name,
+    denoiser_skeleton,
+    weights_stamp,
+)
 
 PROGRESS_SCALE = 1000.0  # diffusers' timestep ranges assume 1000 training timesteps
 CONTEXT_NAME = "parastep"
@@ -546,13 +551,14 @@ def ratios_dir() -> Path:
 
 
 def ratios_file(pipe: Any) -> Path:
-    """One calibration per model folder, denoiser and scheduler."""
+    """One calibration per model folder, denoiser weights and scheduler."""
     model = getattr(pipe, "name_or_path", None) or "unknown"
     return ratios_file_for(model, type(denoiser_of(pipe)).__name__, type(pipe.scheduler).__name__)
 
 
 def ratios_file_for(model: str | Path, denoiser: str, scheduler: str) -> Path:
-    key = "|".join((str(Path(model).expanduser().resolve()), denoiser, scheduler))
+    folder = Path(model).expanduser().resolve()
+    key = "|".join((str(folder), denoiser, scheduler, weights_stamp(folder)))
     return ratios_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 

@@ -62,3 +62,14 @@ def config_mtime(path: Path) -> float:
         if config.is_file():
             return config.stat().st_mtime
     return 0.0
+
+
+def weights_stamp(path: Path) -> str:
+    """Size and modification time of each of the denoiser's weight files ("" without any): part of the
+    keys of what is recorded per model, so that weights retrained in the same folder are not taken for
+    the old ones."""
+    for component in DENOISER_COMPONENTS:
+        files = sorted((Path(path) / component).glob("*.safetensors"))
+        if files:
+            return ",".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return ""
