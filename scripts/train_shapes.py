@@ -291,7 +291,10 @@ def decoder_stage(
 def latest_vae(work: Path) -> AutoencoderKLCogVideoX:
     """The last VAE stage's result. The decoder and sharpen stages only tune the decoder, so the encoder
     (and every latent the transformer trains on) is stage 1's whichever this is."""
-    folder = next(folder for name in ("vae-sharp", "vae-tuned", "vae") if (folder := work / name).exists())
+    folders = [folder for name in ("vae-sharp", "vae-tuned", "vae") if (folder := work / name).exists()]
+    if not folders:
+        raise SystemExit(f"no VAE in {work}: run the vae stage first (or copy a trained VAE to {work}/vae)")
+    folder = folders[0]
     log(f"VAE from {folder}")
     return AutoencoderKLCogVideoX.from_pretrained(folder).eval()
 
@@ -348,7 +351,7 @@ def train_transformer(
     frame, and a square's corners are a small part of the shape."""
     transformer, scheduler = pipe.transformer, pipe.scheduler
     scaling = pipe.vae.config.scaling_factor
-    with torch.no_grad():  # exactly the pipeline's text path: padded to 226 tokens, "" for guidance
+    with torch.no_grad():  # exactly the pipeline's text path: padded to MAX_TEXT_TOKENS, "" for guidance
         unique = sorted(set(prompts))
         embeds, empty = pipe.encode_prompt(
             unique, do_classifier_free_guidance=True, max_sequence_length=MAX_TEXT_TOKENS, device="cpu"
@@ -488,8 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=5400, help="clips encoded for stage 2 (20 per prompt)")
     parser.add_argument("--guidance-scale", type=float, default=6.0)
     parser.add_argument("--check", type=int, default=12, help="generations in the final smoke check")
-    # One thread on a shared machine: measured 2-3 s per VAE step against 6 s with two threads, whose
-    # OpenMP barriers stall whenever another process holds a core.
+    # Two threads alone; one per job when two jobs share the 2 cores (e.g. sharpen beside transformer): a
+    # two-thread job's OpenMP barriers stall whenever another process holds a core (0.23 s -> 1.3 s a step).
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stop-after", type=int, default=None, help="end the stage's loop at this step")
     args = parser.parse_args(argv)
@@ -571,7 +574,13 @@ def main(argv: list[str] | None = None) -> None:
     draw_curve(losses, "shapes transformer v-prediction loss", args.docs / "shapes-transformer-loss.png")
     log(f"transformer trained in {report['transformer_minutes']:.1f} min")
     # Read again: a sharpen stage run beside this one (on the other core) may have finished meanwhile.
-    pipe.vae = latest_vae(args.work)
+    latest = latest_vae(args.work)
+    if any(
+        not torch.equal(a, b)
+        for a, b in zip(latest.encoder.state_dict().values(), vae.encoder.state_dict().values(), strict=True)
+    ):
+        raise SystemExit("the newest VAE's encoder is not the one the latents came from: rerun this stage")
+    pipe.vae = latest
     pipe.vae.register_to_config(scaling_factor=scaling)
 
     report["quick_check"] = quick_check(pipe, args.check, args.guidance_scale)

@@ -669,6 +669,10 @@ def assemble(work: Path, out: Path) -> None:
     from engine.previews import write_model_factors
     from resources.build_tiny_models import save_model
 
+    if (work / "vae").is_dir() and not (work / "unet").is_dir():
+        raise SystemExit(
+            f"{work / 'vae'} is new but there is no UNet trained on it: run the unet stage first"
+        )
     pipe = build_pipeline(  # loaded whole into memory before save_model replaces `out`
         vocoder=SpeechT5HifiGan.from_pretrained(trained_part(work, out, "vocoder")),
         vae=AutoencoderKL.from_pretrained(trained_part(work, out, "vae")),
@@ -732,6 +736,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "build" / "tones_train")
     parser.add_argument("--out", type=Path, default=REPO / "resources" / "models" / "tones")
     parser.add_argument("--vocoder-steps", type=int, default=0, help="training after the set bank")
+    parser.add_argument("--hifigan-steps", type=int, default=750, help="the hifigan stage (from random)")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
@@ -746,7 +751,7 @@ def main() -> None:
     if args.stage in ("vocoder", "all"):  # after the VAE: it trains on the VAE's reconstructions
         make_vocoder(args.work, args.vocoder_steps, trained_part(args.work, args.out, "vae"))
     if args.stage == "hifigan":  # the trained HiFi-GAN that was tried first (see docs/models.md); not shipped
-        train_vocoder(args.work, args.vocoder_steps)
+        train_vocoder(args.work, args.hifigan_steps)
     if args.stage in ("unet", "all"):
         train_unet(args.work, args.unet_steps, trained_part(args.work, args.out, "vae"))
     if args.stage in ("assemble", "all"):

@@ -10,6 +10,7 @@ worker group starts once.
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -209,7 +210,9 @@ def test_magcache_calibration_belongs_to_the_weights_not_only_the_folder(tmp_pat
     weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.parent.mkdir()
     weights.write_bytes(b"old weights")
+    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
     before = ratios_file_for(tmp_path, "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler")
     assert before == ratios_file_for(tmp_path, "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler")
-    weights.write_bytes(b"retrained weights")
+    weights.write_bytes(b"new weights")  # the same size: only the time tells them apart
+    os.utime(weights, ns=(2_000_000_000, 2_000_000_000))
     assert before != ratios_file_for(tmp_path, "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler")

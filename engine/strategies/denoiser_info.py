@@ -69,7 +69,16 @@ def weights_stamp(path: Path) -> str:
     keys of what is recorded per model, so that weights retrained in the same folder are not taken for
     the old ones."""
     for component in DENOISER_COMPONENTS:
-        files = sorted((Path(path) / component).glob("*.safetensors"))
+        folder = Path(path) / component
+        files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])  # .bin: pickle-allowed folders
         if files:
-            return ",".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+            return ",".join(_file_stamp(f) for f in files)
     return ""
+
+
+def _file_stamp(file: Path) -> str:
+    try:
+        stat = file.stat()
+    except OSError:  # a dangling link (an incomplete cache snapshot): loading will name the problem
+        return f"{file.name}:missing"
+    return f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}"
