@@ -209,6 +209,7 @@ def test_magcache_calibration_belongs_to_the_weights_not_only_the_folder(tmp_pat
     """Weights retrained in the same folder (as the embedded models are) need a calibration of their own."""
     weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.parent.mkdir()
+    (weights.parent / "config.json").write_text('{"_class_name": "CogVideoXTransformer3DModel"}')
     weights.write_bytes(b"old weights")
     os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
     before = ratios_file_for(tmp_path, "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler")

@@ -14,16 +14,24 @@ from typing import Any
 DENOISER_COMPONENTS = ("transformer", "unet")
 
 
+def denoiser_folder(path: Path) -> Path | None:
+    """The pipeline's transformer folder, else its UNet's: the first with a config.json (None without)."""
+    for component in DENOISER_COMPONENTS:
+        folder = Path(path) / component
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 def denoiser_config(path: Path) -> dict[str, Any]:
     """The config of the pipeline's transformer, else its UNet ({} when neither config can be read)."""
-    for component in DENOISER_COMPONENTS:
-        config = Path(path) / component / "config.json"
-        if config.is_file():
-            try:
-                return json.loads(config.read_text())
-            except (OSError, ValueError):
-                return {}
-    return {}
+    folder = denoiser_folder(path)
+    if folder is None:
+        return {}
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def denoiser_class_name(path: Path) -> str | None:
@@ -44,36 +52,31 @@ def denoiser_skeleton(path: Path) -> Any | None:
     import torch
 
     cls = denoiser_class(path)
-    for component in DENOISER_COMPONENTS:
-        config = Path(path) / component / "config.json"
-        if cls is not None and config.is_file():
-            try:
-                with torch.device("meta"):
-                    return cls.from_config(json.loads(config.read_text()))
-            except Exception:  # a constructor that computes on its tensors cannot run on meta
-                return None
-    return None
+    config = denoiser_config(path)
+    if cls is None or not config:
+        return None
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except Exception:  # a constructor that computes on its tensors cannot run on meta
+        return None
 
 
 def config_mtime(path: Path) -> float:
     """When the denoiser's config file last changed (0 without one): part of cache keys."""
-    for component in DENOISER_COMPONENTS:
-        config = Path(path) / component / "config.json"
-        if config.is_file():
-            return config.stat().st_mtime
-    return 0.0
+    folder = denoiser_folder(path)
+    return (folder / "config.json").stat().st_mtime if folder else 0.0
 
 
 def weights_stamp(path: Path) -> str:
     """Size and modification time of each of the denoiser's weight files ("" without any): part of the
     keys of what is recorded per model, so that weights retrained in the same folder are not taken for
     the old ones."""
-    for component in DENOISER_COMPONENTS:
-        folder = Path(path) / component
-        files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])  # .bin: pickle-allowed folders
-        if files:
-            return ",".join(_file_stamp(f) for f in files)
-    return ""
+    folder = denoiser_folder(path)
+    if folder is None:
+        return ""
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])  # .bin: pickle-allowed folders
+    return ",".join(_file_stamp(f) for f in files)
 
 
 def _file_stamp(file: Path) -> str:
