@@ -146,16 +146,23 @@ def build_scheduler() -> CogVideoXDDIMScheduler:
 # --- Data -------------------------------------------------------------------------------------------
 
 
+def render_batch(specs: list[data.ClipSpec], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clips of ``specs`` as VAE input [B, 3, F, H, W] in [-1, 1] and their foreground [B, F, H, W]
+    (1 where a pixel differs from the background)."""
+    clips = np.stack([data.render(spec, rng) for spec in specs])  # [B, F, H, W, 3]
+    backgrounds = np.array([data.BACKGROUNDS[s.background] for s in specs], np.float32)[:, None, None, None]
+    foreground = (np.abs(clips - backgrounds).sum(-1) > 0.02).astype(np.float32)
+    video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3) * 2 - 1
+    return video.contiguous(), torch.from_numpy(foreground)
+
+
 def clip_batch(
     rng: np.random.Generator, count: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[data.ClipSpec]]:
     """``count`` random clips as VAE input [B, 3, F, H, W] in [-1, 1], a foreground weight map, specs."""
     specs = [data.random_spec(rng) for _ in range(count)]
-    clips = np.stack([data.render(spec, rng) for spec in specs])  # [B, F, H, W, 3]
-    backgrounds = np.array([data.BACKGROUNDS[s.background] for s in specs], np.float32)[:, None, None, None]
-    foreground = (np.abs(clips - backgrounds).sum(-1) > 0.02).astype(np.float32)  # [B, F, H, W]
-    video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3) * 2 - 1
-    return video.contiguous(), torch.from_numpy(foreground)[:, None], specs
+    video, foreground = render_batch(specs, rng)
+    return video, foreground[:, None], specs
 
 
 def to_frames(video: torch.Tensor) -> np.ndarray:
@@ -321,15 +328,11 @@ def encode_dataset(
     order = [specs[i % len(specs)] for i in range(count)]
     means, stds, foregrounds = [], [], []
     for start in range(0, count, 32):
-        chunk = order[start : start + 32]
-        clips = np.stack([data.render(spec, rng) for spec in chunk])
-        backgrounds = np.array([data.BACKGROUNDS[s.background] for s in chunk], np.float32)
-        foreground = np.abs(clips - backgrounds[:, None, None, None]).sum(-1) > 0.02
-        video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3) * 2 - 1
-        dist = vae.encode(video.contiguous()).latent_dist
+        video, foreground = render_batch(order[start : start + 32], rng)
+        dist = vae.encode(video).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
-        foregrounds.append(latent_foreground(torch.from_numpy(foreground).float()))
+        foregrounds.append(latent_foreground(foreground))
     return torch.cat(means), torch.cat(stds), torch.cat(foregrounds), [spec.prompt for spec in order]
 
 
