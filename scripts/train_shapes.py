@@ -8,8 +8,10 @@ Stages (``--stage``; ``all`` runs them in order, each saving into ``--work``):
   ``resources.shapes_data``, with its reconstruction measured (PSNR, and whether colour, shape and motion
   can still be read back from it);
 * ``decoder``, then ``sharpen``: the decoder alone, the encoder frozen, first with the pixel loss, then with
-  an edge loss added (``edge_error``). The latent space stays stage 1's, so these may run beside
-  ``transformer`` (one thread each), which reads whichever VAE is newest when it saves;
+  an edge loss added (``edge_error``). The latent space stays stage 1's;
+* ``robust``: encoder and decoder together, with noise on the latents before decoding, so that what tells
+  a square from a circle survives errors of a denoiser's size. It moves the latent space: run it before
+  ``transformer``, which encodes with the newest VAE and refuses to save if the encoder changed meanwhile;
 * ``transformer``: encodes a fixed set of clips once and trains a small CogVideoXTransformer3DModel (3D
   rotary positions, as CogVideoX-5b) with v-prediction on those latents, conditioned on a frozen random T5
   encoder over a word-level tokenizer built here. The text goes through exactly the pipeline's
@@ -105,7 +107,7 @@ def build_vae() -> AutoencoderKLCogVideoX:
     )
 
 
-def build_transformer(layers: int) -> CogVideoXTransformer3DModel:
+def build_transformer(layers: int, patch_size: int) -> CogVideoXTransformer3DModel:
     torch.manual_seed(SEED)
     return CogVideoXTransformer3DModel(
         num_attention_heads=4,
@@ -118,7 +120,7 @@ def build_transformer(layers: int) -> CogVideoXTransformer3DModel:
         sample_width=data.SIZE // 4,
         sample_height=data.SIZE // 4,
         sample_frames=data.FRAMES,
-        patch_size=2,
+        patch_size=patch_size,
         temporal_compression_ratio=4,
         max_text_seq_length=MAX_TEXT_TOKENS,
         # CogVideoX-5b's 3D rotary positions: attention sees relative offsets in time and space, which
@@ -220,31 +222,44 @@ def edge_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
     return (error.diff(dim=-1).abs().mean() + error.diff(dim=-2).abs().mean()) / 2
 
 
-def train_decoder(
+def tune_vae(
     vae: AutoencoderKLCogVideoX,
     steps: int,
     batch: int,
     stop: StopFlag,
     lr: float = 1e-3,
     edge_weight: float = 0.0,
+    latent_noise: float = 0.0,
     seed: int = SEED + 5,
 ) -> tuple[AutoencoderKLCogVideoX, list[float]]:
-    """Fine-tunes the decoder with the encoder frozen: the latent space (and so the transformer trained on
-    it) stays valid while the reconstruction sharpens. ``edge_weight`` adds ``edge_error``."""
+    """Fine-tunes a trained VAE. Without ``latent_noise`` only the decoder learns, the encoder frozen: the
+    latent space stays valid while the reconstruction sharpens. With it the encoder learns too, and each
+    clip's latents get Gaussian noise of a random level up to ``latent_noise`` times the latents' std before
+    decoding: the difference between a square and a circle must then survive errors of the size a
+    denoiser makes (the stage-1 latents carried it in details that noise of 0.1 std erased). The noise is
+    relative to the latents' own spread, so growing the latents does not escape it. ``edge_weight`` adds
+    ``edge_error``."""
     vae.requires_grad_(False)
-    vae.decoder.requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
+    tuned = vae if latent_noise else vae.decoder
+    tuned.requires_grad_(True)
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     losses, started = [], time.time()
     for step in range(steps):
         if stop(step):
-            log(f"decoder stopped at step {step}/{steps}")
+            log(f"VAE tuning stopped at step {step}/{steps}")
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=20)
         video, foreground, _ = clip_batch(rng, batch)
-        with torch.no_grad():
+        with torch.set_grad_enabled(bool(latent_noise)):
             latents = vae.encode(video).latent_dist.sample()
+        if latent_noise:
+            level = latent_noise * torch.rand(len(latents), 1, 1, 1, 1, generator=generator)
+            latents = latents + level * latents.std().detach() * torch.randn(
+                latents.shape, generator=generator
+            )
         recon = vae.decode(latents).sample
         error = recon - video
         loss = ((1 + 4 * foreground) * (error.abs() + error**2)).mean()
@@ -252,12 +267,12 @@ def train_decoder(
             loss = loss + edge_weight * edge_error(recon, video)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             mean = np.mean(losses[-50:])
-            log(f"decoder step {step}/{steps} loss {mean:.4f} ({time.time() - started:.0f} s)")
+            log(f"VAE tuning step {step}/{steps} loss {mean:.4f} ({time.time() - started:.0f} s)")
     vae.requires_grad_(True)
     return vae.eval(), losses
 
@@ -280,14 +295,12 @@ def measure_vae(vae: AutoencoderKLCogVideoX, count: int = 240) -> dict[str, floa
     return result
 
 
-def decoder_stage(
-    args: argparse.Namespace, source: str, target: str, name: str, title: str, **tuning
-) -> None:
-    """``train_decoder`` on the VAE in work/``source``, saved to work/``target``, measured into
+def tune_stage(args: argparse.Namespace, source: str, target: str, name: str, title: str, **tuning) -> None:
+    """``tune_vae`` on the VAE in work/``source``, saved to work/``target``, measured into
     work/``name``-report.json, its loss curve to docs/shapes-``name``-loss.png."""
     started = time.time()
     vae = AutoencoderKLCogVideoX.from_pretrained(args.work / source)
-    vae, losses = train_decoder(vae, batch=args.vae_batch, stop=StopFlag(args.stop_after), **tuning)
+    vae, losses = tune_vae(vae, batch=args.vae_batch, stop=StopFlag(args.stop_after), **tuning)
     report = {"steps_done": len(losses), "minutes": (time.time() - started) / 60, **measure_vae(vae)}
     log(f"VAE after the {name} stage: {report}")
     vae.save_pretrained(args.work / target, safe_serialization=True)
@@ -296,9 +309,10 @@ def decoder_stage(
 
 
 def latest_vae(work: Path) -> AutoencoderKLCogVideoX:
-    """The last VAE stage's result. The decoder and sharpen stages only tune the decoder, so the encoder
-    (and every latent the transformer trains on) is stage 1's whichever this is."""
-    folders = [folder for name in ("vae-sharp", "vae-tuned", "vae") if (folder := work / name).exists()]
+    """The last VAE stage's result (robust, else sharpen, decoder, stage 1)."""
+    folders = [
+        folder for name in ("vae-robust", "vae-sharp", "vae-tuned", "vae") if (folder := work / name).exists()
+    ]
     if not folders:
         raise SystemExit(f"no VAE in {work}: run the vae stage first (or copy a trained VAE to {work}/vae)")
     folder = folders[0]
@@ -482,15 +496,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=EMBEDDED_MODELS_DIR / "shapes")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "shapes", help="stage checkpoints")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--stage", choices=["all", "vae", "decoder", "sharpen", "transformer"], default="all")
+    parser.add_argument(
+        "--stage", choices=["all", "vae", "decoder", "sharpen", "robust", "transformer"], default="all"
+    )
     parser.add_argument("--vae-steps", type=int, default=2400)
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--transformer-steps", type=int, default=8000)
     parser.add_argument("--transformer-batch", type=int, default=32)
     parser.add_argument("--decoder-steps", type=int, default=600)
     parser.add_argument("--sharpen-steps", type=int, default=1200)
+    parser.add_argument("--robust-steps", type=int, default=600)
+    parser.add_argument("--latent-noise", type=float, default=0.2, help="robust stage: most noise, x std")
     parser.add_argument("--edge-weight", type=float, default=4.0, help="of edge_error in the sharpen stage")
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--patch-size", type=int, default=2, help="latents per transformer token, each way")
     parser.add_argument("--clips", type=int, default=5400, help="clips encoded for stage 2 (20 per prompt)")
     parser.add_argument("--guidance-scale", type=float, default=6.0)
     parser.add_argument("--check", type=int, default=12, help="generations in the final smoke check")
@@ -523,13 +542,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "vae":
         return
     if args.stage in ("all", "decoder"):
-        decoder_stage(
+        tune_stage(
             args, "vae", "vae-tuned", "decoder", "shapes VAE decoder fine-tune loss", steps=args.decoder_steps
         )
     if args.stage == "decoder":
         return
     if args.stage in ("all", "sharpen"):  # the decoder again, now with the edge loss
-        decoder_stage(
+        tune_stage(
             args,
             "vae-tuned",
             "vae-sharp",
@@ -541,6 +560,21 @@ def main(argv: list[str] | None = None) -> None:
             seed=SEED + 6,
         )
     if args.stage == "sharpen":
+        return
+    if args.stage in ("all", "robust"):  # encoder and decoder, with noise on the latents
+        tune_stage(
+            args,
+            "vae-sharp",
+            "vae-robust",
+            "robust",
+            "shapes VAE noise-robust tuning loss",
+            steps=args.robust_steps,
+            lr=5e-4,
+            edge_weight=args.edge_weight,
+            latent_noise=args.latent_noise,
+            seed=SEED + 7,
+        )
+    if args.stage == "robust":
         return
 
     stage2 = time.time()
@@ -559,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
-        transformer=build_transformer(args.layers),
+        transformer=build_transformer(args.layers, args.patch_size),
         scheduler=build_scheduler(),
     )
     losses = train_transformer(
