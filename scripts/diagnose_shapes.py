@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,14 @@ class Denoiser:
         return ((video.permute(0, 2, 3, 4, 1) + 1) / 2).clamp(0, 1).numpy()
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, prompts: list[str], start: int, guidance, seed: int = 0):
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        prompts: list[str],
+        start: int,
+        guidance: Callable[[int], float],
+        seed: int = 0,
+    ) -> torch.Tensor:
         """From ``latents`` noised to step ``start`` (pure noise of their shape at step 0) to the end;
         ``guidance(t)`` is the scale at timestep t."""
         scheduler, generator = self.pipe.scheduler, torch.Generator().manual_seed(seed)
