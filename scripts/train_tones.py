@@ -476,11 +476,13 @@ def train_vocoder(
     peak_lr: float = 1e-3,
     sizes: tuple = STFT_SIZES,
     vae=None,
+    name: str = "vocoder",
 ):
     """Trains `vocoder` (a fresh HiFi-GAN when None; only its parameters that require gradients) with the
-    mel and STFT losses at `sizes` on 0.8 s crops. With a `vae`, its inputs are the VAE's reconstructions
-    of the mels (the targets stay the clean waveforms), so it learns to undo the VAE's blur, as a vocoder
-    fine-tuned on a TTS model's ground-truth-aligned outputs does."""
+    mel and STFT losses at `sizes` on 0.8 s crops, saving to work/`name` (only "vocoder" is assembled).
+    With a `vae`, its inputs are the VAE's reconstructions of the mels (the targets stay the clean
+    waveforms), so it learns to undo the VAE's blur, as a vocoder fine-tuned on a TTS model's
+    ground-truth-aligned outputs does."""
     wave, mels, _ = dataset()
     if vae is not None:
         with torch.no_grad():
@@ -509,11 +511,11 @@ def train_vocoder(
         optimizer.step()
         losses.append([loss.item(), mel_error.item()])
         if step % 250 == 249:  # a checkpoint to fall back on
-            vocoder.save_pretrained(work / "vocoder", safe_serialization=True)
+            vocoder.save_pretrained(work / name, safe_serialization=True)
         if step % 50 == 0 or step == steps - 1:
-            log(f"vocoder {step}/{steps} loss {np.mean(losses[-50:], 0)} ({time.time() - start:.0f} s)")
-    vocoder.save_pretrained(work / "vocoder", safe_serialization=True)
-    (work / "vocoder_losses.json").write_text(json.dumps({"seconds": time.time() - start, "losses": losses}))
+            log(f"{name} {step}/{steps} loss {np.mean(losses[-50:], 0)} ({time.time() - start:.0f} s)")
+    vocoder.save_pretrained(work / name, safe_serialization=True)
+    (work / f"{name}_losses.json").write_text(json.dumps({"seconds": time.time() - start, "losses": losses}))
     return vocoder
 
 
@@ -751,7 +753,7 @@ def main() -> None:
     if args.stage in ("vocoder", "all"):  # after the VAE: it trains on the VAE's reconstructions
         make_vocoder(args.work, args.vocoder_steps, trained_part(args.work, args.out, "vae"))
     if args.stage == "hifigan":  # the trained HiFi-GAN that was tried first (see docs/models.md); not shipped
-        train_vocoder(args.work, args.hifigan_steps)
+        train_vocoder(args.work, args.hifigan_steps, name="hifigan")  # beside, not over, the shipped one
     if args.stage in ("unet", "all"):
         train_unet(args.work, args.unet_steps, trained_part(args.work, args.out, "vae"))
     if args.stage in ("assemble", "all"):
