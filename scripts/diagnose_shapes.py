@@ -1,6 +1,6 @@
 """Where the `shapes` model loses a shape: the VAE, the denoiser at each noise level, or the guidance.
 
-    .venv/bin/python scripts/diagnose_shapes.py [--model shapes] [--shape square] [--clips 12]
+    .venv/bin/python scripts/diagnose_shapes.py [--model shapes] [--shape triangle] [--clips 12]
 
 Prints three measurements (docs/models.md quotes them):
 
@@ -93,7 +93,7 @@ class Denoiser:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes", help="an embedded model's name or a model folder")
-    parser.add_argument("--shape", default="square", choices=data.SHAPES)
+    parser.add_argument("--shape", default="triangle", choices=data.SHAPES)
     parser.add_argument("--clips", type=int, default=12, help="rendered clips of the shape")
     parser.add_argument("--prompts", type=int, default=48, help="random prompts of the guidance interval")
     parser.add_argument("--threads", type=int, default=2)

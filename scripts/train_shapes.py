@@ -10,7 +10,7 @@ Stages (``--stage``; ``all`` runs them in order, each saving into ``--work``):
 * ``decoder``, then ``sharpen``: the decoder alone, the encoder frozen, first with the pixel loss, then with
   an edge loss added (``edge_error``). The latent space stays stage 1's;
 * ``robust``: encoder and decoder together, with noise on the latents before decoding, so that what tells
-  a square from a circle survives errors of a denoiser's size. It moves the latent space: run it before
+  the shapes apart survives errors of a denoiser's size. It moves the latent space: run it before
   ``transformer``, which encodes with the newest VAE and refuses to save if the encoder changed meanwhile;
 * ``transformer``: encodes a fixed set of clips once and trains a small CogVideoXTransformer3DModel (3D
   rotary positions, as CogVideoX-5b) with v-prediction on those latents, conditioned on a frozen random T5
@@ -217,7 +217,7 @@ def train_vae(
 
 def edge_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
     """Mean absolute error of the horizontal and vertical pixel differences: it rises with every blurred
-    edge, which is what turns a reconstructed square into a circle for the shape reader."""
+    edge, which is what rounds a reconstructed shape's corners (a square's, when the world had one)."""
     error = recon - video
     return (error.diff(dim=-1).abs().mean() + error.diff(dim=-2).abs().mean()) / 2
 
@@ -235,8 +235,8 @@ def tune_vae(
     """Fine-tunes a trained VAE. Without ``latent_noise`` only the decoder learns, the encoder frozen: the
     latent space stays valid while the reconstruction sharpens. With it the encoder learns too, and each
     clip's latents get Gaussian noise of a random level up to ``latent_noise`` times the latents' std before
-    decoding: the difference between a square and a circle must then survive errors of the size a
-    denoiser makes (the stage-1 latents carried it in details that noise of 0.1 std erased). The noise is
+    decoding: the difference between two shapes must then survive errors of the size a denoiser makes
+    (the stage-1 latents carried a square's corners in details that noise of 0.1 std erased). The noise is
     relative to the latents' own spread, so growing the latents does not escape it. ``edge_weight`` adds
     ``edge_error``."""
     vae.requires_grad_(False)
@@ -365,7 +365,7 @@ def train_transformer(
 ) -> list[float]:
     """Trains ``pipe.transformer`` in place (ending with its EMA weights); returns the losses. The error on
     latents that encode the shape counts ``1 + foreground_weight`` times: the shape is a small part of the
-    frame, and a square's corners are a small part of the shape."""
+    frame, and a triangle's apex is a small part of the shape."""
     transformer, scheduler = pipe.transformer, pipe.scheduler
     scaling = pipe.vae.config.scaling_factor
     with torch.no_grad():  # exactly the pipeline's text path: padded to MAX_TEXT_TOKENS, "" for guidance
@@ -623,8 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     report["quick_check"] = quick_check(pipe, args.check, args.guidance_scale)
     log(f"quick check ({args.check} generations): {report['quick_check']}")
     description = (
-        "CogVideoX architecture trained on procedural clips of a coloured circle, square or triangle moving "
-        "left/right/up/down, growing or shrinking on a black, gray or white background. Prompt: "
+        "CogVideoX architecture trained on procedural clips of a coloured circle, rectangle or triangle "
+        "moving left/right/up/down, growing or shrinking on a black, gray or white background. Prompt: "
         "'a red circle moving right on a white background' (colours: red, green, blue, yellow, purple)."
     )
     studio = {
