@@ -17,7 +17,6 @@ Prints three measurements (docs/models.md quotes them):
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from diffusers import CogVideoXPipeline
 from diffusers.utils import logging as diffusers_logging
 
-from resources import EMBEDDED_MODELS_DIR
+from engine.catalog import ModelCatalog, read_entry
 from resources import shapes_data as data
 
 
@@ -37,7 +36,7 @@ class Denoiser:
 
     def __init__(self, folder: Path) -> None:
         self.pipe = CogVideoXPipeline.from_pretrained(folder)
-        self.studio = json.loads((folder / "studio.json").read_text())["defaults"]
+        self.studio = read_entry(folder).defaults
         self.scaling = self.pipe.vae.config.scaling_factor
         self.pipe.scheduler.set_timesteps(self.studio["steps"])
         self.timesteps = self.pipe.scheduler.timesteps
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()
-    folder = Path(args.model) if Path(args.model).is_dir() else EMBEDDED_MODELS_DIR / args.model
+    folder = ModelCatalog().resolve(args.model).path
     model = Denoiser(folder)
     default = model.studio["guidance_scale"]
 
@@ -138,12 +137,10 @@ def main(argv: list[str] | None = None) -> None:
                 noise, [s.prompt for s in specs], 0, lambda t, c=cut: default if t > c else 1.0, seed=1000
             )
         )
+        checks = [data.check_clip(f, s) for s, f in zip(specs, frames, strict=True)]
         asked = Counter(s.shape for s in specs)
-        right = Counter(s.shape for s, f in zip(specs, frames, strict=True) if data.read_shape(f) == s.shape)
-        other = {
-            name: sum(data.read_clip(f)[name] == getattr(s, name) for s, f in zip(specs, frames, strict=True))
-            for name in ("colour", "motion", "background")
-        }
+        right = Counter(s.shape for s, check in zip(specs, checks, strict=True) if check["shape"])
+        other = {name: sum(check[name] for check in checks) for name in ("colour", "motion", "background")}
         shapes = ", ".join(f"{shape} {right[shape]}/{asked[shape]}" for shape in data.SHAPES)
         print(
             f"  cut {cut:5d}: {shapes}; " + ", ".join(f"{k} {v}/{len(specs)}" for k, v in other.items()),
