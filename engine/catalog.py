@@ -19,6 +19,7 @@ FAMILIES = {
     "CogVideoXPipeline": "cogvideox",
     "StableVideoDiffusionPipeline": "svd",
     "AudioLDM2Pipeline": "audioldm2",
+    "WanPipeline": "wan",
 }
 STUDIO_FILE = "studio.json"  # optional: family claim and defaults of an embedded model
 DEFAULT_MODEL = "shapes"  # the trained embedded model: listed first, so the window starts on it

@@ -5,7 +5,10 @@ Run with ``python -m resources.build_tiny_models [NAME ...] [--out DIR]``. It wr
 * ``tiny-cogvideox``: a ``CogVideoXPipeline`` (text to video) laid out like THUDM/CogVideoX-2b;
 * ``tiny-svd``: a ``StableVideoDiffusionPipeline`` (image to video) laid out like
   stabilityai/stable-video-diffusion-img2vid;
-* ``tiny-audioldm2``: an ``AudioLDM2Pipeline`` (text to audio) laid out like cvssp/audioldm2-large.
+* ``tiny-audioldm2``: an ``AudioLDM2Pipeline`` (text to audio) laid out like cvssp/audioldm2-large;
+* ``tiny-wan``: a ``WanPipeline`` (text to video) laid out like Wan-AI/Wan2.1-T2V-1.3B-Diffusers;
+* ``tiny-wan-a14b``: the same with two experts (``transformer``, ``transformer_2`` and a
+  ``boundary_ratio``), laid out like Wan-AI/Wan2.2-T2V-A14B-Diffusers (built by the tests, not shipped).
 
 Why: the application, its tests and its benchmarks need pipelines that load exactly like a published
 checkpoint, ``DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)``, and
@@ -38,6 +41,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLCogVideoX,
     AutoencoderKLTemporalDecoder,
+    AutoencoderKLWan,
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
@@ -46,6 +50,9 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from diffusers.utils import logging as diffusers_logging
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -66,6 +73,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 from transformers.utils import logging as transformers_logging
 
@@ -468,13 +477,96 @@ def build_audioldm2() -> Built:
     return pipe, {"family": "audioldm2", "description": description, "defaults": dict(defaults)}
 
 
+# --- Wan 2.1 / 2.2 (text to video), laid out like Wan-AI/Wan2.1-T2V-1.3B-Diffusers ----------------------
+
+WAN_DEFAULTS = {"steps": 20, "frames": 9, "height": 64, "width": 96, "fps": 16, "guidance_scale": 5.0}
+
+
+def build_wan_transformer(num_layers: int = 2, heads: int = 2, head_dim: int = 12) -> WanTransformer3DModel:
+    """Wan's DiT (3D rotary positions, cross-attention to the text); head_dim a multiple of 6 (rope)."""
+    torch.manual_seed(SEED)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=64,
+        ffn_dim=64,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+
+
+def build_wan(experts: int = 1, num_layers: int = 2) -> Built:
+    """UMT5 text encoder (prompts padded to 512 tokens), DiT(s), Wan's causal 3D VAE, UniPC flow scheduler.
+
+    `experts` 2: Wan 2.2 A14B's shape, a high-noise `transformer` and a low-noise `transformer_2`
+    switched at `boundary_ratio` of the training timesteps.
+    """
+    tokenizer = build_t5_tokenizer(model_max_length=512)
+    torch.manual_seed(SEED)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    # Wan 2.1's published scheduler: UniPC on flow sigmas, shift 3.0 (480p).
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    transformer = build_wan_transformer(num_layers)
+    second = None
+    if experts == 2:
+        second = build_wan_transformer(num_layers)
+        torch.manual_seed(SEED + 1)
+        for parameter in second.parameters():  # another expert: other weights
+            parameter.data.add_(0.02 * torch.randn_like(parameter))
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=second,
+        boundary_ratio=0.875 if experts == 2 else None,  # Wan2.2-T2V-A14B's value
+    )
+    layout = "Wan 2.2 A14B layout, two experts" if experts == 2 else "Wan 2.1 T2V layout"
+    description = f"Tiny random-weight Wan ({layout}) for tests and CPU benchmarks; outputs noise."
+    return pipe, {"family": "wan", "description": description, "defaults": dict(WAN_DEFAULTS)}
+
+
 # --- Saving -------------------------------------------------------------------------------------------------
 
 BUILDERS: dict[str, Callable[[], Built]] = {
     "tiny-cogvideox": build_cogvideox,
     "tiny-svd": build_svd,
     "tiny-audioldm2": build_audioldm2,
+    "tiny-wan": build_wan,
+    "tiny-wan-a14b": lambda: build_wan(experts=2),
 }
+SHIPPED = ("tiny-cogvideox", "tiny-svd", "tiny-audioldm2", "tiny-wan")  # the others: built by the tests
 
 
 def save_model(pipe: DiffusionPipeline, studio: dict[str, Any], target: Path) -> None:
@@ -504,9 +596,9 @@ def save_model(pipe: DiffusionPipeline, studio: dict[str, Any], target: Path) ->
 
 
 def build_all(models_dir: Path = MODELS_DIR, names: list[str] | None = None) -> list[Path]:
-    """Build and save the named tiny models (all by default) under ``models_dir``; return their folders."""
+    """Build and save the named tiny models (the shipped ones by default) under ``models_dir``."""
     folders = []
-    for name in names or list(BUILDERS):
+    for name in names or list(SHIPPED):
         pipe, studio = BUILDERS[name]()
         save_model(pipe, studio, models_dir / name)
         write_model_factors(models_dir / name)  # previews need no VAE decode at run time
@@ -517,7 +609,10 @@ def build_all(models_dir: Path = MODELS_DIR, names: list[str] | None = None) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "names", nargs="*", metavar="NAME", help=f"any of {', '.join(BUILDERS)} (default: all)"
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"any of {', '.join(BUILDERS)} (default: {', '.join(SHIPPED)})",
     )
     parser.add_argument("--out", type=Path, default=MODELS_DIR, help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)

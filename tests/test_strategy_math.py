@@ -62,37 +62,61 @@ def test_installed_step_keeps_the_scheduler_signature():
     assert "step" not in vars(pipe.scheduler)
 
 
-def test_only_the_sequential_strategy_allows_two_denoiser_calls_per_step():
-    """Pipelines with separate cond/uncond passes run sequentially; step-parallel ones refuse them."""
+def test_calls_per_step_are_keyed_and_a_changing_layout_is_refused():
+    """Loops with several denoiser calls per step (separate guidance passes) run under step-parallel
+    strategies; strategies that split the denoiser itself refuse them, and a loop whose number of
+    calls changes from step to step is refused by the strategies that key on it."""
     import torch
     from diffusers import DDIMScheduler
 
     from engine.errors import UserError
     from engine.strategies import STRATEGIES
-    from engine.strategies.base import JobContext
+    from engine.strategies.base import JobContext, Strategy
 
-    def two_calls_then_step(strategy_name: str) -> None:
+    def run(strategy_cls: type, calls: list[int]) -> list[int]:
         class Pipe:
             unet = torch.nn.Linear(2, 2)
             scheduler = DDIMScheduler()
 
         pipe = Pipe()
-        pipe.scheduler.set_timesteps(2)
+        pipe.scheduler.set_timesteps(len(calls))
         ctx = JobContext(
-            rank=0, world_size=1, device=torch.device("cpu"), total_steps=2, options={"warmup": 2}
+            rank=0, world_size=1, device=torch.device("cpu"), total_steps=len(calls), options={"warmup": 1}
         )
-        strategy = STRATEGIES[strategy_name](ctx)
+        strategy = strategy_cls(ctx)
+        seen = []
         strategy.install(pipe)
         try:
             x = torch.zeros(1, 2)
-            pipe.unet(x)
-            pipe.unet(x)
+            for step, count in enumerate(calls):
+                for _ in range(count):
+                    pipe.unet(x)
+                    seen.append(strategy.call)
+                pipe.scheduler.step(torch.zeros(1, 2), pipe.scheduler.timesteps[step], x)
         finally:
             strategy.uninstall()
+        return seen
 
-    two_calls_then_step("sequential")
+    # The call index counts within a step and starts again after scheduler.step.
+    assert run(STRATEGIES["parastep"], [2, 2, 2]) == [1, 2, 1, 2, 1, 2]
+    assert run(STRATEGIES["sequential"], [2, 3, 1]) == [1, 2, 1, 2, 3, 1]  # the loop is untouched
+    with pytest.raises(UserError, match="same calls at every step"):
+        run(STRATEGIES["parastep"], [2, 3])
+    with pytest.raises(UserError, match="same calls at every step"):
+        run(STRATEGIES["parastep"], [2, 1])
+
+    class SplitsTheDenoiser(Strategy):
+        name = "splitter"
+        one_call_per_step = True
+
     with pytest.raises(UserError, match="more than once per step"):
-        two_calls_then_step("parastep")
+        run(SplitsTheDenoiser, [2])
+    # Exactly the strategies that cut the denoiser into parts or bands need one call a step.
+    assert {n for n, cls in STRATEGIES.items() if cls.one_call_per_step} == {
+        "asyncdiff",
+        "distrifusion",
+        "pcpp",
+    }
 
 
 def test_a_pipeline_that_trims_its_schedule_is_refused_by_step_parallel_strategies():

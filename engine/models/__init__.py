@@ -6,11 +6,13 @@ from engine.models.base import FamilyAdapter
 from engine.models.cogvideox import CogVideoXAdapter
 from engine.models.generic import GenericAdapter
 from engine.models.svd import SVDAdapter
+from engine.models.wan import WanAdapter
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "cogvideox": CogVideoXAdapter,
     "svd": SVDAdapter,
     "audioldm2": AudioLDM2Adapter,
+    "wan": WanAdapter,
 }
 
 

@@ -26,6 +26,9 @@ class FamilyAdapter:
     published_warmup = 5
     # Request defaults for checkpoints that carry no studio.json.
     defaults: dict[str, Any] = {}
+    # The loop's shape: False, one denoiser call per step on a batch holding both guidance halves
+    # (CogVideoX, SVD, AudioLDM2); True, one call per guidance pass (Wan, HunyuanVideo 1.5, LTX-2).
+    separate_guidance_calls = False
 
     # ---- engine side: validation --------------------------------------------------------------
     def resolve(self, request: GenerationRequest, entry: ModelEntry) -> GenerationRequest:

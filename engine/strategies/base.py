@@ -7,8 +7,12 @@ A strategy never copies a pipeline's `__call__`. It installs
 - a wrapper around `scheduler.step`, which may replace the returned latent (after a broadcast) and
   sees `pred_original_sample` for previews.
 
-The step index is counted by the wrapper: every supported loop calls the denoiser once and then
-`scheduler.step` once per step.
+A *step* is everything between two `scheduler.step` calls. Older loops (CogVideoX, SVD, AudioLDM2)
+call the denoiser once per step on a batch holding both guidance halves; newer ones (Wan,
+HunyuanVideo 1.5, LTX-2) make several calls per step (conditional, unconditional, ...), and Wan 2.2
+switches from `transformer` to `transformer_2` at a boundary. So the hook sits on every denoiser,
+the wrapper counts steps, and `self.call` numbers the calls within a step: what a strategy caches,
+reuses, sends or splits is keyed by (step, call).
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ class Strategy:
     min_devices = 1
     max_devices: int | None = 1  # None: any number
     device_multiple = 1  # the device count must be a multiple of this (e.g. CFG pairs)
-    one_call_per_step = True  # the step index must advance exactly once per denoiser call
+    one_call_per_step = False  # True: the strategy splits the denoiser itself and needs one call a step
+    needs_every_step = True  # False: the loop runs untouched (any schedule length)
     # Ideal loop speedup, factor * T / (W + ceil((T - W) / width)), described as data so that the
     # window (which cannot import this module) computes it too: width is the rank count divided by
     # `ranks_per_width` ("ranks"), an option's value (e.g. "lookahead") or 1 (""); with a
@@ -192,6 +197,9 @@ class Strategy:
         self.world = Peers(ctx.group, ctx.rank, ctx.world_size)
         self.peers = self.world  # whom send/recv/broadcast talk to unless told otherwise
         self.step = 0
+        self.call = 0  # index of the current denoiser call within the step
+        self.calls_per_step: int | None = None  # learned at step 0
+        self.noise: torch.Tensor | None = None  # the (guided) prediction the loop gave scheduler.step
         self.latent: torch.Tensor | None = None  # latest latent returned by scheduler.step
         self.last_step_kwargs: dict[str, Any] = {}
         self._step_compute = 0.0
@@ -199,13 +207,12 @@ class Strategy:
         self._action = "compute"
         self._installed: tuple[Any, Any] | None = None
         self._timed_first = False
-        self._called_this_step = False
 
     # ---- installation -------------------------------------------------------------------------
     def install(self, pipe: Any) -> None:
-        denoiser = denoiser_of(pipe)
-        registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-        registry.register_hook(_DenoiserHook(self), HOOK_NAME)
+        denoisers = denoisers_of(pipe)
+        for denoiser in denoisers:
+            HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(_DenoiserHook(self), HOOK_NAME)
         scheduler = pipe.scheduler
         original_step = scheduler.step
 
@@ -215,36 +222,45 @@ class Strategy:
             return self._scheduler_step(original_step, args, kwargs)
 
         scheduler.step = step
-        self._installed = (denoiser, scheduler)
+        self._installed = (denoisers, scheduler)
 
     def uninstall(self) -> None:
         if self._installed is None:
             return
-        denoiser, scheduler = self._installed
-        HookRegistry.check_if_exists_or_initialize(denoiser).remove_hook(HOOK_NAME, recurse=False)
+        denoisers, scheduler = self._installed
+        for denoiser in denoisers:
+            HookRegistry.check_if_exists_or_initialize(denoiser).remove_hook(HOOK_NAME, recurse=False)
         del scheduler.step  # drops the instance attribute, the class method shows through again
         self._installed = None
 
     # ---- the two interception points ----------------------------------------------------------
     def _denoise(self, module: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        if self._called_this_step and self.one_call_per_step:  # every rank meets it at the same step
+        if self.call and self.one_call_per_step:  # every rank meets it at the same step
             raise UserError(
-                f"{type(module).__name__} is called more than once per step (e.g. separate conditional and "
-                "unconditional passes); step-parallel strategies need one call per scheduler step.",
+                f"{type(module).__name__} is called more than once per step (e.g. separate conditional "
+                f"and unconditional passes); '{self.name}' splits the denoiser itself and needs one call "
+                "per step.",
+                "Use parastep, batchstep, cfg-parallel or sequential for this pipeline.",
+            )
+        if self.needs_every_step and self.calls_per_step is not None and self.call >= self.calls_per_step:
+            raise UserError(
+                f"The loop calls the denoiser {self.call + 1} times in step {self.step} where step 0 had "
+                f"{self.calls_per_step}; '{self.name}' needs the same calls at every step.",
                 "Use the sequential strategy for this pipeline.",
             )
-        self._called_this_step = True
         if not self._timed_first:
             self._timed_first = True
             self._check_step_count()
             self.ctx.on_first_denoise()
-        return self.denoise(forward, args, kwargs)
+        output = self.denoise(forward, args, kwargs)
+        self.call += 1
+        return output
 
     def _check_step_count(self) -> None:
         """Round arithmetic assumes the loop runs the requested step count; a pipeline that trims
         its schedule (e.g. an img2img `strength`) would desynchronise the ranks' rounds."""
         timesteps = getattr(getattr(self.ctx.pipe, "scheduler", None), "timesteps", None)
-        if not self.one_call_per_step or timesteps is None or len(timesteps) == self.ctx.total_steps:
+        if not self.needs_every_step or timesteps is None or len(timesteps) == self.ctx.total_steps:
             return
         raise UserError(
             f"The pipeline runs {len(timesteps)} steps where {self.ctx.total_steps} were asked (it trims "
@@ -254,7 +270,16 @@ class Strategy:
 
     def _scheduler_step(self, original_step: Callable, args: tuple, kwargs: dict) -> Any:
         want_dict = kwargs.pop("return_dict", True)
-        self.last_step_kwargs = {k: v for k, v in kwargs.items()}
+        if self.calls_per_step is None:
+            self.calls_per_step = self.call
+        elif self.needs_every_step and self.call != self.calls_per_step:
+            raise UserError(
+                f"The loop called the denoiser {self.call} times in step {self.step} where step 0 had "
+                f"{self.calls_per_step}; '{self.name}' needs the same calls at every step.",
+                "Use the sequential strategy for this pipeline.",
+            )
+        self.noise = args[0] if args else kwargs.get("model_output")
+        self.last_step_kwargs = {k: v for k, v in kwargs.items() if k != "model_output"}
         output = original_step(*args, **kwargs, return_dict=True)
         self.latent = output.prev_sample
         self.after_step(output.prev_sample)
@@ -262,7 +287,7 @@ class Strategy:
         self.ctx.on_step(StepReport(self.step, self._action, self._step_compute, self._step_wait, x0))
         self.step += 1
         self._step_compute = self._step_wait = 0.0
-        self._called_this_step = False
+        self.call = 0
         return output if want_dict else output.to_tuple()
 
     # ---- to be implemented ----------------------------------------------------------------------
@@ -298,11 +323,12 @@ class Strategy:
         self.counters.comm_wait_s += elapsed
         self._step_wait += elapsed
 
-    def send(self, tensor: torch.Tensor, dst: int, peers: Peers | None = None) -> dist.Work:
-        """Starts a point-to-point send; the caller waits on the returned work."""
+    def send(self, tensor: torch.Tensor, dst: int, peers: Peers | None = None, tag: int = 0) -> dist.Work:
+        """Starts a point-to-point send; the caller waits on the returned work. `tag`: the call of
+        the step, so that a step's several predictions pair up with their receives."""
         peers = peers or self.peers
         self.counters.bytes_sent += tensor.numel() * tensor.element_size()
-        return dist.isend(tensor.contiguous(), group=peers.group, group_dst=dst)
+        return dist.isend(tensor.contiguous(), group=peers.group, group_dst=dst, tag=tag)
 
     def wait(self, work: dist.Work | None) -> None:
         if work is not None:
@@ -310,11 +336,11 @@ class Strategy:
             work.wait()
             self._waited(start)
 
-    def recv(self, like: torch.Tensor, src: int, peers: Peers | None = None) -> torch.Tensor:
+    def recv(self, like: torch.Tensor, src: int, peers: Peers | None = None, tag: int = 0) -> torch.Tensor:
         peers = peers or self.peers
         buffer = torch.empty_like(like)
         start = time.perf_counter()
-        dist.recv(buffer, group=peers.group, group_src=src)
+        dist.recv(buffer, group=peers.group, group_src=src, tag=tag)
         self._waited(start)
         self.counters.bytes_received += buffer.numel() * buffer.element_size()
         return buffer
@@ -344,16 +370,25 @@ class Strategy:
         return bool(flag.item() & 2)
 
 
+DENOISER_NAMES = ("transformer", "transformer_2", "unet")  # transformer_2: Wan 2.2's low-noise expert
+
+
+def denoisers_of(pipe: Any) -> list[torch.nn.Module]:
+    """Every module the loop may call in a step: the transformers of DiTs (two experts in Wan 2.2
+    A14B), else the UNet."""
+    found = [getattr(pipe, name, None) for name in DENOISER_NAMES]
+    found = [module for module in found if isinstance(module, torch.nn.Module)]
+    if not found:
+        raise UserError(
+            f"{type(pipe).__name__} has neither a transformer nor a UNet to run a strategy on.",
+            "Use a pipeline whose loop calls a denoiser at every step.",
+        )
+    return found
+
+
 def denoiser_of(pipe: Any) -> torch.nn.Module:
-    """The module the loop calls once per step: the transformer of DiTs, else the UNet."""
-    for name in ("transformer", "unet"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise UserError(
-        f"{type(pipe).__name__} has neither a transformer nor a UNet to run a strategy on.",
-        "Use a pipeline whose loop calls one denoiser per step.",
-    )
+    """The first denoiser the loop calls: the transformer of DiTs, else the UNet."""
+    return denoisers_of(pipe)[0]
 
 
 def ideal_speedup(total_steps: int, warmup: int, width: int) -> float:

@@ -36,36 +36,49 @@ class BatchStepStrategy(Strategy):
         super().__init__(ctx)
         self.warmup = int(ctx.options["warmup"])
         self.width = int(ctx.options.get("lookahead", 2))
-        self.slot_cache: list[Any] = []
-        self.round_outputs: list[Any] = []
+        # Slot k's cached prediction, as the guided noise the loop applied with it (scheduler.step's
+        # input): one tensor whatever the number of denoiser calls per step.
+        self.slot_noise: list[torch.Tensor | None] = []
+        self.slots: list[tuple[Any, torch.Tensor]] = []  # the round's look-ahead (scheduler, latent)
+        self.round_outputs: dict[int, list[Any]] = {}  # call -> the round's P outputs
+
+    def _round_start(self, step: int) -> int | None:
+        """The step the round holding `step` starts at (None: a sequential step)."""
+        if self.width == 1 or step < self.warmup:
+            return None
+        return self.warmup + ((step - self.warmup) // self.width) * self.width
 
     def denoise(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        step, p = self.step, self.width
-        if p == 1 or step < self.warmup:
-            output = self.compute(forward, args, kwargs)
-            self.slot_cache = [output] * p
-            return output
-        start = self.warmup + ((step - self.warmup) // p) * p
-        j = step - start
+        start = self._round_start(self.step)
+        if start is None:
+            return self.compute(forward, args, kwargs)
+        j = self.step - start
         if j > 0:
             self._action = "batched"
-            return self.round_outputs[j]
-        size = min(p, self.ctx.total_steps - start)
-        self.round_outputs = self._batched_round(forward, args, kwargs, start, size)
-        for k in range(1, size):
-            self.slot_cache[k] = self.round_outputs[k]
-        return self.round_outputs[0]
+            return self.round_outputs[self.call][j]
+        size = min(self.width, self.ctx.total_steps - start)
+        if self.call == 0:
+            self.slots = [self._look_ahead(start, k) for k in range(1, size)]
+        self.round_outputs[self.call] = self._batched_call(forward, args, kwargs, start, size)
+        return self.round_outputs[self.call][0]
 
-    def _batched_round(
-        self, forward: Callable, args: tuple, kwargs: dict, start: int, size: int
-    ) -> list[Any]:
+    def after_step(self, latent: torch.Tensor) -> None:
+        start = self._round_start(self.step)
+        if start is None:
+            self.slot_noise = [self.noise] * self.width
+        elif self.step > start:
+            self.slot_noise[self.step - start] = self.noise  # slot j's output was applied now
+        super().after_step(latent)
+
+    def _batched_call(self, forward: Callable, args: tuple, kwargs: dict, start: int, size: int) -> list[Any]:
+        """This call of the step for every slot of the round, as one batched call."""
         bound = inspect.signature(forward).bind(*args, **kwargs)
         names = list(bound.arguments)
         sample_name, sample = names[0], bound.arguments[names[0]]
         timesteps = self.ctx.pipe.scheduler.timesteps
         inputs, steps = [sample], [timesteps[start]]
-        for k in range(1, size):
-            inputs.append(self._look_ahead_input(sample, start, k))
+        for k, (scheduler, latent) in enumerate(self.slots, start=1):
+            inputs.append(self.ctx.adapter.denoiser_input(scheduler, latent, timesteps[start + k], sample))
             steps.append(timesteps[start + k])
         batch = sample.shape[0]
         arguments = dict(bound.arguments)
@@ -80,19 +93,16 @@ class BatchStepStrategy(Strategy):
         prediction, rebuild = split_output(output)
         return [rebuild(chunk) for chunk in prediction.chunk(size)]
 
-    def _look_ahead_input(self, sample: torch.Tensor, start: int, k: int) -> torch.Tensor:
-        """Slot k's denoiser input: x_s advanced k steps with slot k's cached prediction."""
-        adapter, pipe = self.ctx.adapter, self.ctx.pipe
-        scheduler = copy.deepcopy(pipe.scheduler)
+    def _look_ahead(self, start: int, k: int) -> tuple[Any, torch.Tensor]:
+        """Slot k: x_s advanced k steps with slot k's cached prediction, on its own scheduler copy."""
+        scheduler = copy.deepcopy(self.ctx.pipe.scheduler)
         del scheduler.step  # the copy must not call back into this strategy
         timesteps = scheduler.timesteps
         latent = self.latent
-        cached = split_output(self.slot_cache[k])[0]
         for m in range(k):
-            noise = adapter.guide(pipe, self.ctx.params, cached)
-            latent = scheduler.step(noise, timesteps[start + m], latent, **self.last_step_kwargs).prev_sample
-            latent = latent.to(self.latent.dtype)
-        return adapter.denoiser_input(scheduler, latent, timesteps[start + k], sample)
+            latent = scheduler.step(self.slot_noise[k], timesteps[start + m], latent, **self.last_step_kwargs)
+            latent = latent.prev_sample.to(self.latent.dtype)
+        return scheduler, latent
 
 
 def _is_batched(value: Any, batch: int) -> bool:

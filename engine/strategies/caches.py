@@ -162,7 +162,7 @@ class CacheStrategy(Strategy):
     """A diffusers cache on one device; subclasses give the config and the apply function."""
 
     max_devices = 1
-    one_call_per_step = False  # the caches count their own calls; the loop is left as it is
+    needs_every_step = False  # the caches count their own calls; the loop is left as it is
     cache = ""  # the cache's name, for messages
     needs = ""  # what the denoiser must have for the cache to find something to hook
     probe_options: dict[str, int] = {}  # options for the availability probe, over the defaults

@@ -1,7 +1,10 @@
 """CFG-parallel: classifier-free guidance's two halves on two devices; exact.
 
-With guidance on, every supported loop calls the denoiser once per step on a batch that holds the
-unconditional half, then the conditional half. Rank 0 runs the first half and rank 1 the second:
+Loops come in two shapes, which the family adapter declares (`separate_guidance_calls`).
+
+Batched (CogVideoX, SVD, AudioLDM2): with guidance on, the loop calls the denoiser once per step on
+a batch that holds the unconditional half, then the conditional half. Rank 0 runs the first half and
+rank 1 the second:
 every batched tensor argument (the latent input, batched timesteps, prompt embeddings, attention
 masks, SVD's image embeddings and added time ids, AudioLDM2's second text stream, ...) is cut along
 dim 0; unbatched ones (a scalar timestep, CogVideoX's rotary embeddings) go through whole. The two
@@ -13,6 +16,17 @@ The only difference from sequential is that each half is evaluated at batch size
 which may change the last bits of float sums (kernels pick their blocking by batch size).
 Traffic per step and rank: half a prediction each way, plus a one-byte cancel flag from rank 0
 after every step but the last.
+
+Separate calls (Wan, HunyuanVideo 1.5, LTX-2): the loop calls the denoiser once per guidance pass,
+one after the other, and combines the outputs itself. Step 0 runs every call on both ranks and
+records which arguments tell call c+1 from call c (the negative prompt's embeddings, typically);
+from step 1 on, the calls go in pairs: at call c rank 0 evaluates call c as given while rank 1
+evaluates call c+1 from the same arguments with those recorded ones swapped in, the two outputs
+are all-gathered, and call c+1 returns rank 1's output without computing. At call c+1 both ranks
+check that the loop's arguments are the ones rank 1 assumed, and refuse the loop otherwise (both
+ranks see the same arguments, so they fail together). An odd last call runs on both ranks. The
+loop then guides and steps as it always does, on the same tensors on both ranks.
+Traffic per step and rank after step 0: one call's prediction each way per pair of calls.
 """
 
 from __future__ import annotations
@@ -73,6 +87,71 @@ def refuse_without_guidance(strategy: str, request: Any, adapter: Any) -> None:
         )
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two denoiser arguments hold the same value (identity first: the loop passes the same
+    tensors to every call of a step)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # values without a plain equality (e.g. nested tensors)
+        return False
+
+
+class CallPairs:
+    """Separate guidance calls paired across the two ranks of `pair` (see the module docstring)."""
+
+    def __init__(self, strategy: CfgSplitCompute) -> None:
+        self.strategy = strategy
+        self.first_step: dict[int, dict[str, Any]] = {}  # step 0: call -> its bound arguments
+        self.swapped: dict[int, dict[str, Any]] = {}  # call c+1 -> arguments that differ from call c
+        self.previous: dict[str, Any] = {}  # the arguments of the step's previous call
+        self.gathered: Any = None  # the partner call's output, from the pair's all-gather
+
+    def denoise(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        s = self.strategy
+        bound = dict(inspect.signature(forward).bind(*args, **kwargs).arguments)
+        call, previous, self.previous = s.call, self.previous, bound
+        if s.step == 0:
+            self.first_step[call] = bound
+            if call:
+                before = self.first_step[call - 1]
+                self.swapped[call] = {k: v for k, v in bound.items() if not _same(v, before.get(k))}
+            return Strategy.compute(s, forward, args, kwargs)
+        if call % 2:  # the partner of call - 1: computed already, by rank 1
+            self._check(call, bound, previous)
+            return self.gathered
+        if call + 1 not in self.swapped:  # an odd last call: both ranks run it
+            return Strategy.compute(s, forward, args, kwargs)
+        if s.pair.rank == 1:
+            bound = {**bound, **self.swapped[call + 1]}
+        output = Strategy.compute(s, forward, (), bound)
+        mine, rebuild = split_output(output)
+        both = s.all_gather(mine.contiguous()).chunk(2)
+        self.gathered = rebuild(both[1])
+        return rebuild(both[0])
+
+    def _check(self, call: int, bound: dict[str, Any], previous: dict[str, Any]) -> None:
+        expected = {**previous, **self.swapped[call]}
+        changed = sorted(
+            k for k in bound.keys() | expected.keys() if not _same(bound.get(k), expected.get(k))
+        )
+        if changed:
+            raise UserError(
+                f"Denoiser call {call} of step {self.strategy.step} differs from call {call - 1} in "
+                f"{', '.join(changed)} otherwise than at step 0, so cfg-parallel cannot compute it ahead.",
+                "Use parastep or sequential for this pipeline.",
+            )
+
+
 class CfgParallelStrategy(CfgSplitCompute):
     name = "cfg-parallel"
     description = "Classifier-free guidance's unconditional and conditional halves on two devices; exact."
@@ -87,6 +166,12 @@ class CfgParallelStrategy(CfgSplitCompute):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self.pair = self.world
+        self.call_pairs = CallPairs(self) if ctx.adapter.separate_guidance_calls else None
+
+    def denoise(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self.call_pairs is not None:
+            return self.call_pairs.denoise(forward, args, kwargs)
+        return self.compute(forward, args, kwargs)
 
     def after_step(self, latent: torch.Tensor) -> None:
         # Both ranks exchange halves at every step, so they agree on a cancel at every step.
@@ -94,10 +179,14 @@ class CfgParallelStrategy(CfgSplitCompute):
             self.agree_on_cancel()
 
 
-def expected_traffic(total_steps: int, prediction_bytes: int) -> list[dict[str, int]]:
-    """Bytes each of the two ranks sends and receives in one job: half a prediction each way per
-    step, and rank 0's one-byte cancel flag after every step but the last."""
-    halves = total_steps * (prediction_bytes // 2)
+def expected_traffic(
+    total_steps: int, prediction_bytes: int, separate_calls: bool = False
+) -> list[dict[str, int]]:
+    """Bytes each of the two ranks sends and receives in one job: half a prediction (all of a step's
+    calls) each way per step, and rank 0's one-byte cancel flag after every step but the last.
+    `separate_calls`: step 0 runs whole on both ranks and exchanges nothing (an even call count)."""
+    exchanged = total_steps - 1 if separate_calls else total_steps
+    halves = exchanged * (prediction_bytes // 2)
     flags = max(total_steps - 1, 0)
     return [
         {"bytes_sent": halves + flags, "bytes_received": halves},

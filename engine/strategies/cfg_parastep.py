@@ -21,6 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from engine.errors import UserError
 from engine.strategies.base import Peers
 from engine.strategies.cfg_parallel import CfgSplitCompute, refuse_without_guidance
 from engine.strategies.parastep import (
@@ -56,6 +57,12 @@ class CfgParaStepStrategy(CfgSplitCompute, ParaStepStrategy):
     @classmethod
     def check_request(cls, request: Any, adapter: Any, ranks: int) -> None:
         refuse_without_guidance(cls.name, request, adapter)
+        if adapter.separate_guidance_calls:
+            raise UserError(
+                f"'{cls.name}' splits the guidance batch of one denoiser call, but {adapter.family} "
+                "models run the guidance passes as separate calls.",
+                "Use cfg-parallel (2 devices) or parastep for this model.",
+            )
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)

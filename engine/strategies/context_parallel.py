@@ -61,7 +61,7 @@ class ContextParallelStrategy(Strategy):
     )
     min_devices = 2
     max_devices = None
-    one_call_per_step = False  # every rank runs the whole loop; only the tokens are split
+    needs_every_step = False  # every rank runs the whole loop; only the tokens are split
     width_from = "ranks"
 
     @classmethod

@@ -80,9 +80,10 @@ class ParaStepStrategy(Strategy):
         self.warmup = int(options["warmup"])
         self.fresh_reuse = bool(options.get("fresh_reuse", 0))
         self.adaptive_pct = int(options.get("adaptive", 0) or 0)
-        self.cache: Any = None  # this rank's last own prediction (the whole denoiser output)
-        self._pending_send = None
-        self._freshest: torch.Tensor | None = None  # rank 0: the last prediction it applied
+        # This rank's last own predictions, one whole denoiser output per call of the step.
+        self.cache: dict[int, Any] = {}
+        self._pending_sends: list[Any] = []
+        self._freshest: dict[int, torch.Tensor] = {}  # rank 0: the predictions it applied last, per call
         self._guided: torch.Tensor | None = None  # rank 0, adaptive: the last guided prediction
         self._change: float | None = None  # its relative L2 change from the one before
         self.schedule: list[Segment] = []  # begun at the first step, once a subclass has set its peers
@@ -107,49 +108,46 @@ class ParaStepStrategy(Strategy):
 
     # ---- the two interception points ------------------------------------------------------------
     def denoise(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """Call `self.call` of the step: every call of a step is computed, reused, sent or received
+        alike, so loops that call the denoiser several times a step (separate guidance passes, two
+        experts) run the algorithm on the step's whole set of predictions."""
         rank, step = self.peers.rank, self.step
         start, _, parallel = self._segment()
         j = step - start
-        if not parallel:
-            self.cache = self.compute(forward, args, kwargs)
-            self._applied(split_output(self.cache)[0])
-            return self.cache
+        if not parallel or (rank == 0 and j == 0):
+            return self._keep(self.compute(forward, args, kwargs))
         if rank == 0:
-            if j == 0:
-                self.cache = self.compute(forward, args, kwargs)
-                self._applied(split_output(self.cache)[0])
-                return self.cache
-            prediction, rebuild = split_output(self.cache)
+            prediction, rebuild = split_output(self._cached())
             self._action = "receive"
-            received = self.recv(prediction, src=j)
-            self._applied(received)
+            received = self.recv(prediction, src=j, tag=self.call)
+            self._freshest[self.call] = received
             return rebuild(received)
         if j == rank:
-            self.cache = self.compute(forward, args, kwargs)
-            self._pending_send = self.send(split_output(self.cache)[0], dst=0)
-            return self.cache
+            output = self._keep(self.compute(forward, args, kwargs))
+            self._pending_sends.append(self.send(split_output(output)[0], dst=0, tag=self.call))
+            return output
         self._action = "reuse" if j < rank else "idle"
-        return self.cache
+        return self._cached()
 
-    def _applied(self, prediction: torch.Tensor) -> None:
-        """Rank 0 keeps the prediction the loop applies now (and, adaptive, how much it changed)."""
-        if self.peers.rank != 0:
-            return
-        self._freshest = prediction
-        if self.adaptive_pct and self.ctx.rank == 0:
-            guided = self.ctx.adapter.guide(self.ctx.pipe, self.ctx.params, prediction).float()
-            if self._guided is not None:
-                self._change = float((guided - self._guided).norm() / self._guided.norm().clamp_min(1e-12))
-            self._guided = guided
+    def _keep(self, output: Any) -> Any:
+        """Caches this call's fresh output (rank 0 also keeps it as the freshest it applied)."""
+        self.cache[self.call] = output
+        if self.peers.rank == 0:
+            self._freshest[self.call] = split_output(output)[0]
+        return output
+
+    def _cached(self) -> Any:
+        return self.cache[self.call]  # present: step 0 is a sync step and has every call
 
     def after_step(self, latent: torch.Tensor) -> None:
         step = self.step
+        if self.adaptive_pct and self.ctx.rank == 0:
+            self._measure_change()
         start, size, parallel = self._segment()
         if step < start + size - 1:
             return  # inside a round: the ranks talk at its end
+        self._wait_sends()
         if step == self.ctx.total_steps - 1:
-            self.wait(self._pending_send)
-            self._pending_send = None
             if self.ctx.world_size == 1:
                 super().after_step(latent)
             return
@@ -157,8 +155,6 @@ class ParaStepStrategy(Strategy):
             super().after_step(latent)
             self._begin(step + 1, False)
             return
-        self.wait(self._pending_send)
-        self._pending_send = None
         next_parallel = self.agree_on_cancel(self.ctx.rank == 0 and self._parallel_next(step + 1))
         if parallel:
             self.broadcast(latent)
@@ -166,13 +162,27 @@ class ParaStepStrategy(Strategy):
                 self._share_freshest()
         self._begin(step + 1, next_parallel)
 
+    def _measure_change(self) -> None:
+        """Rank 0, adaptive: how much the guided prediction the loop just applied changed from the
+        previous step's (relative L2); it is what the loop handed to scheduler.step."""
+        guided = self.noise.float()
+        if self._guided is not None:
+            self._change = float((guided - self._guided).norm() / self._guided.norm().clamp_min(1e-12))
+        self._guided = guided
+
+    def _wait_sends(self) -> None:
+        for work in self._pending_sends:
+            self.wait(work)
+        self._pending_sends = []
+
     def _share_freshest(self) -> None:
-        """Rank 0 broadcasts the round's last applied prediction; every rank reuses it from now on."""
-        prediction, rebuild = split_output(self.cache)
-        fresh = self._freshest if self.peers.rank == 0 else torch.empty_like(prediction)
-        self.broadcast(fresh)
-        if self.peers.rank != 0:
-            self.cache = rebuild(fresh)
+        """Rank 0 broadcasts the round's last applied predictions; every rank reuses them from now on."""
+        for call in sorted(self.cache):
+            prediction, rebuild = split_output(self.cache[call])
+            fresh = self._freshest[call] if self.peers.rank == 0 else torch.empty_like(prediction)
+            self.broadcast(fresh)
+            if self.peers.rank != 0:
+                self.cache[call] = rebuild(fresh)
 
 
 # ---- traffic, from the algorithm alone ----------------------------------------------------------------

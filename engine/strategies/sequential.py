@@ -8,6 +8,6 @@ class SequentialStrategy(Strategy):
     description = "The stock denoising loop on one device; the reference for fidelity."
     min_devices = 1
     max_devices = 1
-    one_call_per_step = False  # the loop is untouched, whatever its shape
+    needs_every_step = False  # the loop is untouched, whatever its shape
 
     # Counting and cancel checks come from the base class; the loop itself is untouched.

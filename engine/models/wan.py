@@ -1,0 +1,101 @@
+"""Wan 2.1 / 2.2 (text to video): WanPipeline, latents [B, C, F, H, W].
+
+The loop's shape, which the strategies read from here: with guidance on, the transformer is called
+twice per step (conditional, then unconditional, inside `cache_context("cond" / "uncond")`) and the
+loop combines the two itself. Wan 2.2 A14B has two experts: `transformer` above the boundary
+timestep (`boundary_ratio` in model_index.json) and `transformer_2` below it, each with its own
+guidance scale. Wan 2.2 TI2V-5B (`expand_timesteps`) gives every latent token its own timestep.
+The scheduler is UniPC multistep with flow sigmas (`flow_prediction`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from engine.catalog import ModelEntry
+from engine.errors import UserError
+from engine.loading import component_config
+from engine.models.base import FamilyAdapter, check_multiple, to_uint8_frames
+from engine.protocol import GenerationRequest
+
+
+def pipeline_config(entry: ModelEntry) -> dict[str, Any]:
+    """model_index.json's pipeline settings (boundary_ratio, expand_timesteps)."""
+    try:
+        return json.loads((entry.path / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"'{entry.path / 'model_index.json'}' cannot be read ({exc}).", "Restore the pipeline folder."
+        ) from None
+
+
+class WanAdapter(FamilyAdapter):
+    family = "wan"
+    modality = "video"
+    # Wan 2.1's published sampling: 50 steps; the ParaStep warm-up follows CogVideoX's share (about a
+    # quarter of the steps), since both are flow/v-prediction DiTs whose early steps set the layout.
+    published_steps = 50
+    published_warmup = 12
+    defaults = {"steps": 50, "guidance_scale": 5.0, "frames": 81, "height": 480, "width": 832, "fps": 16}
+    separate_guidance_calls = True
+
+    def factors(self, entry: ModelEntry) -> tuple[int, int]:
+        """(spatial multiple of the size, temporal compression of the VAE)."""
+        vae = component_config(entry, "vae")
+        transformer = component_config(entry, "transformer")
+        patch = transformer.get("patch_size", [1, 2, 2])
+        spatial = vae.get("scale_factor_spatial", 8) * int(patch[-1])
+        return spatial, vae.get("scale_factor_temporal", 4)
+
+    def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
+        spatial, temporal = self.factors(entry)
+        frames = request.frames
+        if frames is None or frames < 1 or (frames - 1) % temporal:
+            good = max(1, ((frames or 1) - 1) // temporal * temporal + 1)
+            raise UserError(
+                f"Wan needs a frame count of {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), "
+                f"not {frames}.",
+                f"Use --frames {good} or {good + temporal}.",
+            )
+        check_multiple("height", request.height, spatial, "this Wan model")
+        check_multiple("width", request.width, spatial, "this Wan model")
+        if not request.fps or request.fps < 1:
+            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 16.")
+
+    @staticmethod
+    def per_token_timesteps(entry: ModelEntry) -> bool:
+        """Wan 2.2 TI2V gives every latent token its own timestep (`expand_timesteps`)."""
+        return bool(pipeline_config(entry).get("expand_timesteps"))
+
+    def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+        return {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt or None,
+            "num_frames": request.frames,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "generator": generator,
+            "output_type": "latent",
+        }
+
+    def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:
+        import torch
+
+        vae = pipe.vae
+        # As WanPipeline decodes: undo the per-channel normalisation the latents live in.
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
+        video = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
+        frames = pipe.video_processor.postprocess_video(video, output_type="pt")[0]
+        return to_uint8_frames(frames)
+
+    def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
+        latent_frames = x0.shape[2]
+        # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
+        return x0[0].transpose(0, 1), [0] + [4 * f for f in range(1, latent_frames)]
