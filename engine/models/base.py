@@ -62,6 +62,14 @@ class FamilyAdapter:
     def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
         """Family constraints; raises UserError naming the field and the fix."""
 
+    def switches_denoiser(self, entry: ModelEntry) -> bool:
+        """Whether the loop changes denoiser during the run (Wan 2.2 A14B's two experts)."""
+        return False
+
+    def per_token_timesteps(self, entry: ModelEntry) -> bool:
+        """Whether the loop gives every latent token its own timestep (Wan 2.2 TI2V)."""
+        return False
+
     def default_warmup(self, steps: int) -> int:
         """The published warm-up, scaled down proportionally for fewer steps."""
         if steps >= self.published_steps:

@@ -65,9 +65,13 @@ class WanAdapter(FamilyAdapter):
         if not request.fps or request.fps < 1:
             raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 16.")
 
-    @staticmethod
-    def per_token_timesteps(entry: ModelEntry) -> bool:
-        """Wan 2.2 TI2V gives every latent token its own timestep (`expand_timesteps`)."""
+    def switches_denoiser(self, entry: ModelEntry) -> bool:
+        index = pipeline_config(entry)
+        return (
+            index.get("boundary_ratio") is not None and (index.get("transformer_2") or [None])[0] is not None
+        )
+
+    def per_token_timesteps(self, entry: ModelEntry) -> bool:
         return bool(pipeline_config(entry).get("expand_timesteps"))
 
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:

@@ -32,6 +32,23 @@ class BatchStepStrategy(Strategy):
     width_from = "lookahead"
     rounds = True
 
+    @classmethod
+    def unavailable_reason(cls, entry: Any) -> str | None:
+        from engine.models import adapter_for
+
+        adapter = adapter_for(entry)
+        if adapter.switches_denoiser(entry):
+            return (
+                "BatchStep evaluates a round's look-ahead steps in one call of one denoiser, but this model "
+                "switches denoisers during the run (Wan 2.2's two experts)."
+            )
+        if adapter.per_token_timesteps(entry):
+            return (
+                "BatchStep gives each look-ahead latent one timestep, but this model's loop gives every "
+                "latent token its own (Wan 2.2 TI2V)."
+            )
+        return None
+
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self.warmup = int(ctx.options["warmup"])

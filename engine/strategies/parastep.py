@@ -158,6 +158,8 @@ class ParaStepStrategy(Strategy):
         next_parallel = self.agree_on_cancel(self.ctx.rank == 0 and self._parallel_next(step + 1))
         if parallel:
             self.broadcast(latent)
+            for tensor in solver_state(self.ctx.pipe.scheduler, latent):
+                self.broadcast(tensor)
             if self.fresh_reuse and next_parallel and self.peers.size > 2:
                 self._share_freshest()
         self._begin(step + 1, next_parallel)
@@ -185,6 +187,20 @@ class ParaStepStrategy(Strategy):
                 self.cache[call] = rebuild(fresh)
 
 
+def solver_state(scheduler: Any, latent: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a multistep scheduler carries from step to step, in a fixed order: every tensor
+    of the latent's shape it holds, alone or in a list (UniPC's and DPM-Solver's `model_outputs`,
+    UniPC's `last_sample`). Schedules (sigmas, timesteps) have other shapes; counters are not tensors
+    and are the same on every rank, which all step at every step."""
+    found = []
+    for name in sorted(vars(scheduler)):
+        value = vars(scheduler)[name]
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, torch.Tensor) and item.shape == latent.shape:
+                found.append(item)
+    return found
+
+
 # ---- traffic, from the algorithm alone ----------------------------------------------------------------
 def published_schedule(total_steps: int, warmup: int, width: int) -> list[Segment]:
     """W sync steps, then rounds of `width` (every step a sync step when the width is 1)."""
@@ -204,8 +220,9 @@ def round_traffic(
 ) -> list[dict[str, int]]:
     """Bytes each ParaStep rank sends and receives in one job, cancel flags aside.
 
-    In a round of size n, rank k in 1..n-1 sends one prediction to rank 0. After every round but a
-    final one, rank 0 broadcasts its latent and, with `fresh_reuse`, N > 2 and another round next,
+    In a round of size n, rank k in 1..n-1 sends one prediction (all of a step's calls) to rank 0.
+    After every round but a final one, rank 0 broadcasts its latent (with a multistep scheduler's
+    state: pass their sum as `latent_bytes`) and, with `fresh_reuse`, N > 2 and another round next,
     the last prediction it applied; a broadcast counts one copy sent per receiver.
     """
     n = ranks
