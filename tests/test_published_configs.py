@@ -31,6 +31,11 @@ PUBLISHED_REPOS = [
 # Repositories of which only some component configs are transcribed (no model_index.json).
 PARTIAL_REPOS = {
     "THUDM/CogVideoX-5b": {"transformer": "CogVideoXTransformer3DModel", "vae": "AutoencoderKLCogVideoX"},
+    "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v": {
+        "transformer": "HunyuanVideo15Transformer3DModel",
+        "vae": "AutoencoderKLHunyuanVideo15",
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+    },
 }
 
 GB = 1e9
@@ -75,6 +80,12 @@ PUBLISHED_PARAMETERS = {
     # CogVideoX-5b VAE: Kijai/CogVideoX-5b-Tora vae/diffusion_pytorch_model.safetensors, 431 MB in 16-bit (the
     # official file's size was not found; CogVideoX-2b's fp16 VAE is also 431 MB)
     ("THUDM/CogVideoX-5b", "vae"): 431 * MB / 2,
+    # HunyuanVideo-1.5 480p T2V: the original tencent/HunyuanVideo-1.5 transformer/480p_t2v/
+    # diffusion_pytorch_model.safetensors is 33.3 GB in fp32 (the diffusers conversion maps it tensor for tensor,
+    # splitting fused qkv); the converted repo's own shard sizes were not found
+    ("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", "transformer"): 33.3 * GB / 4,
+    # tencent/HunyuanVideo-1.5 vae/diffusion_pytorch_model.safetensors: 5.04 GB in fp32
+    ("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", "vae"): 5.04 * GB / 4,
 }
 
 
