@@ -36,6 +36,7 @@ PARTIAL_REPOS = {
         "vae": "AutoencoderKLHunyuanVideo15",
         "scheduler": "FlowMatchEulerDiscreteScheduler",
     },
+    "Lightricks/LTX-2": {"transformer": "LTX2VideoTransformer3DModel", "vae": "AutoencoderKLLTX2Video"},
 }
 
 GB = 1e9
@@ -86,6 +87,10 @@ PUBLISHED_PARAMETERS = {
     ("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", "transformer"): 33.3 * GB / 4,
     # tencent/HunyuanVideo-1.5 vae/diffusion_pytorch_model.safetensors: 5.04 GB in fp32
     ("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", "vae"): 5.04 * GB / 4,
+    # Lightricks/LTX-2 VAE: Remudl/ltx-vae, "BF16 version of vae from Lightricks/LTX-2", ltx-vae-bf16.safetensors
+    # "2.28 GB". That page's sizes are binary (its Wan VAE, 126.9 M parameters, is listed as "0.24 GB" =
+    # 0.24 GiB), so 2.28 GiB. (No size was found for the LTX-2 transformer.)
+    ("Lightricks/LTX-2", "vae"): 2.28 * 2**30 / 2,
 }
 
 
