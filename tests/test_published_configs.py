@@ -82,13 +82,13 @@ PUBLISHED_PARAMETERS = {
     # official file's size was not found; CogVideoX-2b's fp16 VAE is also 431 MB)
     ("THUDM/CogVideoX-5b", "vae"): 431 * MB / 2,
     # HunyuanVideo-1.5 480p T2V: the original tencent/HunyuanVideo-1.5 transformer/480p_t2v/
-    # diffusion_pytorch_model.safetensors is 33.3 GB in fp32 (the diffusers conversion maps it tensor for tensor,
-    # splitting fused qkv); the converted repo's own shard sizes were not found
+    # diffusion_pytorch_model.safetensors is 33.3 GB in fp32 (the diffusers conversion maps it tensor for
+    # tensor, splitting fused qkv); the converted repo's own shard sizes were not found
     ("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", "transformer"): 33.3 * GB / 4,
     # tencent/HunyuanVideo-1.5 vae/diffusion_pytorch_model.safetensors: 5.04 GB in fp32
     ("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", "vae"): 5.04 * GB / 4,
-    # Lightricks/LTX-2 VAE: Remudl/ltx-vae, "BF16 version of vae from Lightricks/LTX-2", ltx-vae-bf16.safetensors
-    # "2.28 GB". That page's sizes are binary (its Wan VAE, 126.9 M parameters, is listed as "0.24 GB" =
+    # Lightricks/LTX-2 VAE: Remudl/ltx-vae, "BF16 version of vae from Lightricks/LTX-2",
+    # ltx-vae-bf16.safetensors "2.28 GB". That page's sizes are binary (its Wan VAE, 126.9 M parameters, is listed as "0.24 GB" =
     # 0.24 GiB), so 2.28 GiB. (No size was found for the LTX-2 transformer.)
     ("Lightricks/LTX-2", "vae"): 2.28 * 2**30 / 2,
 }
