@@ -88,8 +88,9 @@ PUBLISHED_PARAMETERS = {
     # tencent/HunyuanVideo-1.5 vae/diffusion_pytorch_model.safetensors: 5.04 GB in fp32
     ("hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", "vae"): 5.04 * GB / 4,
     # Lightricks/LTX-2 VAE: Remudl/ltx-vae, "BF16 version of vae from Lightricks/LTX-2",
-    # ltx-vae-bf16.safetensors "2.28 GB". That page's sizes are binary (its Wan VAE, 126.9 M parameters, is listed as "0.24 GB" =
-    # 0.24 GiB), so 2.28 GiB. (No size was found for the LTX-2 transformer.)
+    # ltx-vae-bf16.safetensors "2.28 GB". That page's sizes are binary (its Wan VAE, 126.9 M
+    # parameters, is listed as "0.24 GB" = 0.24 GiB), so 2.28 GiB. (No size was found for the LTX-2
+    # transformer.)
     ("Lightricks/LTX-2", "vae"): 2.28 * 2**30 / 2,
 }
 
