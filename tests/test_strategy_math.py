@@ -149,3 +149,34 @@ def test_a_pipeline_that_trims_its_schedule_is_refused_by_step_parallel_strategi
     run("sequential", 3)  # the stock loop does what the pipeline does
     with pytest.raises(UserError, match="runs 3 steps where 4 were asked"):
         run("parastep", 3)
+
+
+def test_flow_matching_steps_get_an_x0_estimate_for_previews():
+    """FlowMatch and UniPC-on-flow-sigmas steps carry no pred_original_sample; the strategies derive
+    it (x0 = x_t - sigma v). For Euler's last step (to sigma 0) it is exactly the step's output."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from engine.strategies.base import JobContext, Strategy
+
+    class Pipe:
+        unet = torch.nn.Identity()
+        scheduler = FlowMatchEulerDiscreteScheduler()
+
+    pipe = Pipe()
+    pipe.scheduler.set_timesteps(3)
+    reports = []
+    ctx = JobContext(rank=0, world_size=1, device=torch.device("cpu"), total_steps=3, options={})
+    ctx.on_step = reports.append
+    strategy = Strategy(ctx)
+    strategy.install(pipe)
+    try:
+        x = torch.randn(1, 4, 2, 2)
+        for t in pipe.scheduler.timesteps:
+            v = pipe.unet(torch.randn_like(x))
+            x = pipe.scheduler.step(v, t, x).prev_sample
+    finally:
+        strategy.uninstall()
+    assert all(r.pred_original_sample is not None for r in reports)
+    assert torch.allclose(reports[-1].pred_original_sample, x, atol=1e-6)
+    assert not torch.allclose(reports[0].pred_original_sample, x, atol=1e-3)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from engine.errors import UserError
-from engine.protocol import GenerationRequest
+from engine.protocol import GenerationRequest, PreviewEvent
 from engine.strategies import STRATEGIES, cfg_parallel
 from engine.strategies.parastep import expected_traffic
 from resources import EMBEDDED_MODELS_DIR
@@ -173,6 +173,15 @@ def test_cfg_parallel_pairs_the_guidance_calls_and_equals_sequential(model, runs
     latent_bytes = math.prod(result.latents.shape) * np.dtype(np.float32).itemsize
     traffic = cfg_parallel.expected_traffic(STEPS, 2 * latent_bytes, separate_calls=True)
     assert [{k: c[k] for k in ("bytes_sent", "bytes_received")} for c in result.ranks] == traffic
+
+
+def test_previews_show_the_flow_models_estimate(shared_engine, runs):
+    runs("tiny-wan", "sequential")  # the cpu:1 group is warm
+    events: list = []
+    plan = shared_engine.plan(request("tiny-wan", "sequential", "cpu:1", {}))
+    shared_engine.run(plan, events.append).discard_pending()
+    previews = [e for e in events if isinstance(e, PreviewEvent)]
+    assert previews and previews[-1].step == STEPS - 1
 
 
 def test_caches_run_on_the_separate_calls(runs):

@@ -284,6 +284,8 @@ class Strategy:
         self.latent = output.prev_sample
         self.after_step(output.prev_sample)
         x0 = getattr(output, "pred_original_sample", None)
+        if x0 is None:
+            x0 = flow_x0(self._installed[1], args, kwargs, self.noise)
         self.ctx.on_step(StepReport(self.step, self._action, self._step_compute, self._step_wait, x0))
         self.step += 1
         self._step_compute = self._step_wait = 0.0
@@ -368,6 +370,22 @@ class Strategy:
         if flag.item() & 1:
             raise JobCancelled()
         return bool(flag.item() & 2)
+
+
+def flow_x0(scheduler: Any, args: tuple, kwargs: dict, noise: Any) -> torch.Tensor | None:
+    """The clean-sample estimate of a flow-matching step (Wan's UniPC on flow sigmas, LTX's and
+    HunyuanVideo's FlowMatchEuler), whose step output carries none: x_t = (1 - s) x0 + s eps and the
+    model predicts v = eps - x0, so x0 = x_t - s v, with s the sigma of the step just taken."""
+    flow = (
+        getattr(scheduler.config, "prediction_type", None) == "flow_prediction"
+        or "FlowMatch" in type(scheduler).__name__
+    )
+    index = getattr(scheduler, "step_index", None)
+    sample = args[2] if len(args) > 2 else kwargs.get("sample")
+    if not flow or index is None or not isinstance(sample, torch.Tensor) or noise is None:
+        return None
+    sigma = scheduler.sigmas[index - 1].to(sample.device, torch.float32)
+    return (sample.float() - sigma * noise.float()).to(sample.dtype)
 
 
 DENOISER_NAMES = ("transformer", "transformer_2", "unet")  # transformer_2: Wan 2.2's low-noise expert
