@@ -88,8 +88,7 @@ class Engine:
                 "Pick another strategy (sequential always works).",
             )
         resolved = adapter.resolve(request, entry)
-        if strategy.name != "sequential":
-            _check_scheduler(strategy.name, entry)
+        _check_scheduler(strategy, entry)
         options = self._resolve_options(strategy, resolved, adapter, len(devices))
         with_options = dataclasses.replace(resolved, strategy_options=options)
         strategy.check_request(with_options, adapter, len(devices))
@@ -311,28 +310,47 @@ def _check_device_count(strategy: Any, spec: str, count: int) -> None:
     )
 
 
-def _check_scheduler(strategy: str, entry: ModelEntry) -> None:
-    """Step-parallel strategies need one denoiser call per scheduler step, and BatchStep a plain
-    `step(noise, t, latent)` for its look-ahead."""
+def _check_scheduler(strategy: Any, entry: ModelEntry) -> None:
+    """Strategies that keep ranks or look-ahead slots in step with the loop need a scheduler of order
+    1 (one `scheduler.step` per denoiser evaluation); BatchStep also calls `step` itself, which needs
+    nothing from the loop but the prediction, the timestep and the sample."""
+    scheduler = scheduler_class(entry)
+    if scheduler is None or not strategy.needs_every_step:
+        return
+    if getattr(scheduler, "order", 1) != 1:
+        raise UserError(
+            f"'{entry.name}' uses {scheduler.__name__}, a scheduler of order {scheduler.order} (several "
+            f"denoiser calls per step), which '{strategy.name}' cannot split.",
+            "Use the sequential strategy, or a first-order scheduler (DDIM, Euler, DPM-Solver multistep).",
+        )
+    extra = loop_state_arguments(scheduler)
+    if strategy.steps_scheduler_itself and extra:
+        raise UserError(
+            f"'{entry.name}' uses {scheduler.__name__}, whose step needs {', '.join(extra)} from the loop; "
+            f"{strategy.name}'s look-ahead cannot call it.",
+            "Use parastep or sequential for this model.",
+        )
+
+
+def scheduler_class(entry: ModelEntry) -> Any:
+    """The diffusers class named in the model's scheduler config (None: none or unknown)."""
     import json
 
     import diffusers
 
     config = entry.path / "scheduler" / "scheduler_config.json"
     name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
-    scheduler = getattr(diffusers, name, None)
-    if scheduler is not None and getattr(scheduler, "order", 1) != 1:
-        raise UserError(
-            f"'{entry.name}' uses {name}, a scheduler of order {scheduler.order} (several denoiser calls per "
-            f"step), which '{strategy}' cannot split.",
-            "Use the sequential strategy, or a first-order scheduler (DDIM, Euler, DPM-Solver multistep).",
-        )
-    if strategy == "batchstep" and name == "CogVideoXDPMScheduler":
-        raise UserError(
-            f"'{entry.name}' uses CogVideoXDPMScheduler, whose step needs the previous step's estimate; "
-            "BatchStep's look-ahead cannot call it.",
-            "Use parastep or sequential for this model.",
-        )
+    return getattr(diffusers, name, None) if isinstance(name, str) and name else None
+
+
+def loop_state_arguments(scheduler: Any) -> list[str]:
+    """Required arguments of `scheduler.step` beyond (model_output, timestep, sample): state the loop
+    carries from step to step (CogVideoXDPMScheduler's previous estimate and its timestep)."""
+    import inspect
+
+    parameters = inspect.signature(scheduler.step).parameters.values()
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name != "self"]
+    return [name for name in required if name not in ("model_output", "timestep", "sample")]
 
 
 def clip_stem(request: GenerationRequest) -> str:

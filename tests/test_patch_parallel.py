@@ -352,7 +352,7 @@ def test_refuses_a_portion_over_100(shared_engine):
 @pytest.mark.parametrize("strategy", [DistriFusionStrategy, PCPPStrategy])
 def test_unsupported_families_are_refused_with_a_reason(strategy, tmp_path):
     entry = ModelEntry("some-image-model", tmp_path, "local", "StableDiffusionPipeline", "generic")
-    assert "CogVideoX, Stable Video Diffusion and AudioLDM2" in strategy.unavailable_reason(entry)
+    assert "(cogvideox, svd, audioldm2) declare them" in strategy.unavailable_reason(entry)
     for family in FAMILIES:
         entry = ModelEntry(family, EMBEDDED_MODELS_DIR / REQUESTS[family]["model"], "embedded", "", family)
         assert strategy.unavailable_reason(entry) is None

@@ -16,10 +16,18 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
 }
 
 
+def adapter_for_denoiser(class_name: str | None) -> FamilyAdapter | None:
+    """The adapter of the family whose loop calls a denoiser of this class (None: no family's)."""
+    for cls in ADAPTERS.values():
+        if class_name and cls.denoiser_class == class_name:
+            return cls()
+    return None
+
+
 def adapter_for(entry: ModelEntry) -> FamilyAdapter:
     if entry.family in ADAPTERS:
         return ADAPTERS[entry.family]()
     return GenericAdapter(entry)
 
 
-__all__ = ["ADAPTERS", "FamilyAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "FamilyAdapter", "adapter_for", "adapter_for_denoiser"]

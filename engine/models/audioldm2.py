@@ -9,7 +9,7 @@ import numpy as np
 from engine.catalog import ModelEntry
 from engine.errors import UserError
 from engine.loading import component_config, pickle_allowed
-from engine.models.base import FamilyAdapter
+from engine.models.base import FamilyAdapter, LatentRows, unet_block_count, unet_blocks
 from engine.protocol import GenerationRequest
 
 MAX_SECONDS = 60.0
@@ -17,6 +17,8 @@ MAX_SECONDS = 60.0
 
 class AudioLDM2Adapter(FamilyAdapter):
     family = "audioldm2"
+    denoiser_class = "AudioLDM2UNet2DConditionModel"
+    denoiser_component = "unet"
     modality = "audio"
     published_steps = 200
     published_warmup = 5
@@ -80,3 +82,20 @@ class AudioLDM2Adapter(FamilyAdapter):
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         # [C, T, F] -> one image [C, F, T]: time runs left to right, low frequencies at the bottom.
         return x0[0].transpose(1, 2).flip(1).unsqueeze(0), [0]
+
+    def denoiser_blocks(self, denoiser: Any) -> list[tuple[str, Any]]:
+        return unet_blocks(denoiser)
+
+    def block_count(self, config: dict[str, Any]) -> int:
+        return unet_block_count(config, has_mid=config.get("mid_block_type", "") is not None)
+
+    def latent_rows(self, entry: ModelEntry, request: GenerationRequest) -> LatentRows:
+        """Bands of the mel spectrogram's time axis, with the pipeline's own arithmetic."""
+        import math
+
+        vocoder = component_config(entry, "vocoder")
+        scale = 2 ** (len(component_config(entry, "vae")["block_out_channels"]) - 1)
+        hop = np.prod(vocoder["upsample_rates"]) / vocoder["sampling_rate"]
+        rows = math.ceil(int(request.seconds / hop) / scale)
+        downsamplers = len(component_config(entry, "unet")["down_block_types"]) - 1
+        return LatentRows(rows, 2**downsamplers, "seconds", float(hop * scale))

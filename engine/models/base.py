@@ -26,6 +26,12 @@ class FamilyAdapter:
     published_warmup = 5
     # Request defaults for checkpoints that carry no studio.json.
     defaults: dict[str, Any] = {}
+    # The denoiser class this family's loop calls (component "transformer" or "unet"); strategies that
+    # cut the denoiser into blocks or bands find the family's declarations below through it.
+    denoiser_class = ""
+    denoiser_component = "transformer"
+    # FasterCache's latent layout for the denoiser's input ("" : the loop does not fit FasterCache).
+    faster_cache_layout = ""
     # The loop's shape: False, one denoiser call per step on a batch holding both guidance halves
     # (CogVideoX, SVD, AudioLDM2); True, one call per guidance pass (Wan, HunyuanVideo 1.5, LTX-2).
     separate_guidance_calls = False
@@ -128,8 +134,52 @@ class FamilyAdapter:
         """x0 as a stack of latent images [N, C, h, w] and the output frame index of each."""
         raise NotImplementedError
 
+    # ---- the denoiser's structure, for strategies that cut it (None: they refuse the family) -----
+    def denoiser_blocks(self, denoiser: Any) -> list[tuple[str, Any]] | None:
+        """AsyncDiff's cut points: the blocks in call order, each called once per forward, with only
+        bookkeeping between them."""
+        return None
+
+    def block_count(self, config: dict[str, Any]) -> int | None:
+        """How many blocks `denoiser_blocks` finds, from the denoiser's config alone."""
+        return None
+
+    def latent_rows(self, entry: ModelEntry, request: GenerationRequest) -> LatentRows | None:
+        """Patch parallelism's geometry: the latent rows a request makes and the multiple a band must
+        be of to stay whole through every downsampling or patching."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, "modality": self.modality}
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentRows:
+    """The latent rows a request makes, the multiple a band must be of, and the request field that
+    sets them ("height" or "seconds", `per_row` of its units per latent row), for the fix."""
+
+    rows: int
+    unit: int
+    what: str
+    per_row: float
+
+
+def transformer_blocks(denoiser: Any) -> list[tuple[str, Any]]:
+    """A DiT's blocks: its top-level `transformer_blocks`."""
+    return [(f"transformer_blocks.{i}", b) for i, b in enumerate(denoiser.transformer_blocks)]
+
+
+def unet_blocks(denoiser: Any) -> list[tuple[str, Any]]:
+    """A UNet's blocks: conv_in, the down blocks, the mid block, the up blocks."""
+    blocks = [("conv_in", denoiser.conv_in)]
+    blocks += [(f"down_blocks.{i}", b) for i, b in enumerate(denoiser.down_blocks)]
+    if denoiser.mid_block is not None:
+        blocks.append(("mid_block", denoiser.mid_block))
+    return blocks + [(f"up_blocks.{i}", b) for i, b in enumerate(denoiser.up_blocks)]
+
+
+def unet_block_count(config: dict[str, Any], has_mid: bool) -> int:
+    return 1 + len(config["down_block_types"]) + int(has_mid) + len(config["up_block_types"])
 
 
 def _check_range(name: str, value: Any, low: float, high: float) -> None:

@@ -9,7 +9,13 @@ import numpy as np
 from engine.catalog import ModelEntry
 from engine.errors import UserError
 from engine.loading import component_config
-from engine.models.base import FamilyAdapter, check_multiple, to_uint8_frames
+from engine.models.base import (
+    FamilyAdapter,
+    LatentRows,
+    check_multiple,
+    to_uint8_frames,
+    transformer_blocks,
+)
 from engine.protocol import GenerationRequest
 
 
@@ -19,6 +25,8 @@ class CogVideoXAdapter(FamilyAdapter):
     published_steps = 50
     published_warmup = 13
     defaults = {"steps": 50, "guidance_scale": 6.0, "frames": 49, "height": 480, "width": 720, "fps": 8}
+    denoiser_class = "CogVideoXTransformer3DModel"
+    faster_cache_layout = "BFCHW"  # the transformer is called with [B, F, C, H, W]
 
     def factors(self, entry: ModelEntry) -> tuple[int, int]:
         """(spatial factor the size must be a multiple of, temporal compression)."""
@@ -72,3 +80,16 @@ class CogVideoXAdapter(FamilyAdapter):
         latent_frames = x0.shape[1]
         # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
         return x0[0], [0] + [4 * f for f in range(1, latent_frames)]
+
+    def denoiser_blocks(self, denoiser: Any) -> list[tuple[str, Any]]:
+        return transformer_blocks(denoiser)
+
+    def block_count(self, config: dict[str, Any]) -> int:
+        return int(config.get("num_layers", 30))
+
+    def latent_rows(self, entry: ModelEntry, request: GenerationRequest) -> LatentRows:
+        """Bands split at patch rows: the video tokens of a band are its patch rows of every frame."""
+        vae = component_config(entry, "vae")
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        unit = component_config(entry, "transformer").get("patch_size", 2)
+        return LatentRows(request.height // scale, unit, "height", scale)

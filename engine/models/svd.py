@@ -10,7 +10,14 @@ import numpy as np
 from engine.catalog import ModelEntry
 from engine.errors import UserError
 from engine.loading import component_config
-from engine.models.base import FamilyAdapter, check_multiple, to_uint8_frames
+from engine.models.base import (
+    FamilyAdapter,
+    LatentRows,
+    check_multiple,
+    to_uint8_frames,
+    unet_block_count,
+    unet_blocks,
+)
 from engine.protocol import GenerationRequest
 
 MIN_GUIDANCE = 1.0  # the pipeline's min_guidance_scale: guidance rises per frame from this value
@@ -36,6 +43,8 @@ def load_image(path: str | None) -> Any:
 
 class SVDAdapter(FamilyAdapter):
     family = "svd"
+    denoiser_class = "UNetSpatioTemporalConditionModel"
+    denoiser_component = "unet"
     modality = "video"
     published_steps = 50
     published_warmup = 5
@@ -96,3 +105,16 @@ class SVDAdapter(FamilyAdapter):
 
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         return x0[0], list(range(x0.shape[1]))
+
+    def denoiser_blocks(self, denoiser: Any) -> list[tuple[str, Any]]:
+        return unet_blocks(denoiser)
+
+    def block_count(self, config: dict[str, Any]) -> int:
+        return unet_block_count(config, has_mid=True)
+
+    def latent_rows(self, entry: ModelEntry, request: GenerationRequest) -> LatentRows:
+        """Bands stay whole through the UNet's downsamplings."""
+        vae = component_config(entry, "vae")
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        downsamplers = len(component_config(entry, "unet")["down_block_types"]) - 1
+        return LatentRows(request.height // scale, 2**downsamplers, "height", scale)

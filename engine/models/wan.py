@@ -41,6 +41,7 @@ class WanAdapter(FamilyAdapter):
     published_warmup = 12
     defaults = {"steps": 50, "guidance_scale": 5.0, "frames": 81, "height": 480, "width": 832, "fps": 16}
     separate_guidance_calls = True
+    denoiser_class = "WanTransformer3DModel"
 
     def factors(self, entry: ModelEntry) -> tuple[int, int]:
         """(spatial multiple of the size, temporal compression of the VAE)."""

@@ -45,16 +45,12 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from engine.errors import UserError
+from engine.models import ADAPTERS, FamilyAdapter, adapter_for_denoiser
 from engine.protocol import RankCounters
 from engine.strategies.base import Strategy, StrategyOption, denoiser_of, split_output
 from engine.strategies.denoiser_info import denoiser_class_name, denoiser_config
 
 BLOCK_HOOK_NAME = "asyncdiff_block"
-SUPPORTED_DENOISERS = (
-    "CogVideoXTransformer3DModel",
-    "UNetSpatioTemporalConditionModel",
-    "AudioLDM2UNet2DConditionModel",
-)
 
 Key = tuple[int, int]  # (block index, index of the tensor among the block's outputs)
 
@@ -82,35 +78,28 @@ class _BlockHook(ModelHook):
         return self.strategy._block_forward(self.index, self.fn_ref.original_forward, args, kwargs)
 
 
-# ---- the model-specific part: which modules are blocks --------------------------------------------
+# ---- which modules are blocks: declared by the model family's adapter --------------------------------
+def _splittable() -> str:
+    declared = [cls for cls in ADAPTERS.values() if cls.denoiser_blocks is not FamilyAdapter.denoiser_blocks]
+    return ", ".join(cls.denoiser_class for cls in declared)
+
+
 def denoiser_blocks(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The denoiser's blocks in call order, each called once per forward, with only bookkeeping
-    between them (tuples of skip tensors)."""
+    """The denoiser's blocks in call order, as its family's adapter declares them."""
     kind = type(denoiser).__name__
-    if kind == "CogVideoXTransformer3DModel":
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(denoiser.transformer_blocks)]
-    if kind in ("UNetSpatioTemporalConditionModel", "AudioLDM2UNet2DConditionModel"):
-        blocks = [("conv_in", denoiser.conv_in)]
-        blocks += [(f"down_blocks.{i}", b) for i, b in enumerate(denoiser.down_blocks)]
-        if denoiser.mid_block is not None:
-            blocks.append(("mid_block", denoiser.mid_block))
-        blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(denoiser.up_blocks)]
-        return blocks
-    raise UserError(
-        f"AsyncDiff cannot split a {kind}.",
-        f"It splits {', '.join(SUPPORTED_DENOISERS)}; use another strategy for this model.",
-    )
+    adapter = adapter_for_denoiser(kind)
+    blocks = adapter.denoiser_blocks(denoiser) if adapter is not None else None
+    if blocks is None:
+        raise UserError(
+            f"AsyncDiff cannot split a {kind}.", f"It splits {_splittable()}; use another strategy."
+        )
+    return blocks
 
 
 def config_block_count(config: dict[str, Any]) -> int | None:
     """How many blocks denoiser_blocks finds, read off the denoiser's config (None: unknown)."""
-    kind = config.get("_class_name")
-    if kind == "CogVideoXTransformer3DModel":
-        return int(config.get("num_layers", 30))
-    if kind in ("UNetSpatioTemporalConditionModel", "AudioLDM2UNet2DConditionModel"):
-        has_mid = kind == "UNetSpatioTemporalConditionModel" or config.get("mid_block_type", "") is not None
-        return 1 + len(config["down_block_types"]) + int(has_mid) + len(config["up_block_types"])
-    return None
+    adapter = adapter_for_denoiser(config.get("_class_name"))
+    return adapter.block_count(config) if adapter is not None else None
 
 
 # ---- the split ----------------------------------------------------------------------------------
@@ -238,10 +227,10 @@ class AsyncDiffStrategy(Strategy):
 
     @classmethod
     def unavailable_reason(cls, entry: Any) -> str | None:
-        kind = denoiser_class_name(entry.path)
-        if kind not in SUPPORTED_DENOISERS:
+        if config_block_count(denoiser_config(entry.path)) is None:
+            kind = denoiser_class_name(entry.path)
             return (
-                f"AsyncDiff splits {', '.join(SUPPORTED_DENOISERS)} into parts; this model's denoiser is "
+                f"AsyncDiff splits {_splittable()} into parts; this model's denoiser is "
                 f"{kind or 'of no known class'}."
             )
         return None

@@ -30,6 +30,7 @@ class BatchStepStrategy(Strategy):
     min_devices = 1
     max_devices = 1
     width_from = "lookahead"
+    steps_scheduler_itself = True
     rounds = True
 
     @classmethod

@@ -63,6 +63,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention, MochiAttention
 
 from engine.errors import UserError
+from engine.models import ADAPTERS, adapter_for_denoiser
 from engine.strategies.base import JobContext, Strategy, StrategyOption, denoiser_of
 from engine.strategies.denoiser_info import (
     config_mtime,
@@ -355,10 +356,13 @@ class PyramidAttentionBroadcastStrategy(CacheStrategy):
         )
 
 
-class FasterCacheStrategy(CacheStrategy):
-    # The latent layout the transformer is called with; FasterCache splits frames by it.
-    LAYOUTS = {"CogVideoXTransformer3DModel": "BFCHW"}
+def faster_cache_layout(class_name: str | None) -> str:
+    """The latent layout the denoiser is called with, as its family declares it ("": none)."""
+    adapter = adapter_for_denoiser(class_name)
+    return adapter.faster_cache_layout if adapter is not None else ""
 
+
+class FasterCacheStrategy(CacheStrategy):
     name = "cache-faster"
     description = (
         "diffusers' FasterCache on one device: attention outputs extrapolated from the last two, and the "
@@ -384,12 +388,13 @@ class FasterCacheStrategy(CacheStrategy):
 
     @classmethod
     def class_reason(cls, class_name: str) -> str | None:
-        if class_name in cls.LAYOUTS:
+        if faster_cache_layout(class_name):
             return None
+        known = sorted(a.denoiser_class for a in ADAPTERS.values() if a.faster_cache_layout)
         return (
             f"FasterCache needs a loop that batches both guidance halves into one call with keyword inputs "
-            f"and the latent layout of {class_name}; this app knows them for "
-            f"{', '.join(sorted(cls.LAYOUTS))} only."
+            f"and the latent layout of {class_name}; the model families declare them for "
+            f"{', '.join(known)} only."
         )
 
     def make_config(self, denoiser: torch.nn.Module) -> Any:
@@ -400,7 +405,7 @@ class FasterCacheStrategy(CacheStrategy):
             unconditional_batch_skip_range=self.option("uncond_skip"),
             current_timestep_callback=self.progress,
             attention_weight_callback=lambda module: 0.5,  # diffusers' default, stated to keep it quiet
-            tensor_format=self.LAYOUTS.get(type(denoiser).__name__, "BFCHW"),
+            tensor_format=faster_cache_layout(type(denoiser).__name__) or "BFCHW",
             is_guidance_distilled=not guided,  # no unconditional half to estimate
         )
 

@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.hooks import HookRegistry
 
 from engine.errors import JobCancelled, UserError
+from engine.models import ADAPTERS, FamilyAdapter, adapter_for
 from engine.strategies.base import Strategy, StrategyOption, denoiser_of, split_output
 from engine.strategies.patch_comm import BandComm, BandRun, split_units
 from engine.strategies.patch_layers import (
@@ -52,13 +52,6 @@ from engine.strategies.patch_layers import (
 )
 
 LAYER_HOOK = "patch_parallel_layer"
-TRANSFORMER = "CogVideoXTransformer3DModel"
-UNETS = ("UNetSpatioTemporalConditionModel", "AudioLDM2UNet2DConditionModel")
-DENOISERS = {
-    "cogvideox": ("transformer", TRANSFORMER),
-    "svd": ("unet", UNETS[0]),
-    "audioldm2": ("unet", UNETS[1]),
-}
 
 
 class DistriFusionStrategy(Strategy):
@@ -80,12 +73,16 @@ class DistriFusionStrategy(Strategy):
 
     @classmethod
     def unavailable_reason(cls, entry: Any) -> str | None:
-        if entry.family not in DENOISERS:
+        adapter = adapter_for(entry)
+        if type(adapter).latent_rows is FamilyAdapter.latent_rows:
+            families = [
+                name for name, a in ADAPTERS.items() if a.latent_rows is not FamilyAdapter.latent_rows
+            ]
             return (
-                "patch parallelism needs to know which layers of the denoiser mix rows; it supports "
-                f"CogVideoX, Stable Video Diffusion and AudioLDM2, not '{entry.family}' pipelines."
+                "patch parallelism needs to know which layers of the denoiser mix rows; its model families "
+                f"({', '.join(families)}) declare them, not '{entry.family}'."
             )
-        component, expected = DENOISERS[entry.family]
+        component, expected = adapter.denoiser_component, adapter.denoiser_class
         config = entry.path / component / "config.json"
         if config.is_file():
             import json
@@ -132,12 +129,14 @@ class DistriFusionStrategy(Strategy):
         super().uninstall()
 
     def _install_layers(self, denoiser: torch.nn.Module) -> None:
-        kind = type(denoiser).__name__
-        if kind == TRANSFORMER:
+        # A family that declares its latent rows says which component its denoiser is (plan time).
+        component = getattr(self.ctx.adapter, "denoiser_component", "")
+        if component == "transformer":
             self._install_transformer(denoiser)
-        elif kind in UNETS:
+        elif component == "unet":
             self._install_unet(denoiser)
         else:
+            kind = type(denoiser).__name__
             raise UserError(f"Patch parallelism does not support a {kind}.", "Use another strategy.")
 
     def _install_transformer(self, model: torch.nn.Module) -> None:
@@ -314,21 +313,8 @@ class BandGeometry:
 
 
 def band_geometry(entry: Any, request: Any) -> BandGeometry:
-    from engine.loading import component_config
-
-    vae = component_config(entry, "vae")
-    scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    if entry.family == "cogvideox":
-        unit = component_config(entry, "transformer").get("patch_size", 2)
-        return BandGeometry(request.height // scale, unit, "height", scale)
-    downsamplers = len(component_config(entry, "unet")["down_block_types"]) - 1
-    if entry.family == "svd":
-        return BandGeometry(request.height // scale, 2**downsamplers, "height", scale)
-    vocoder = component_config(entry, "vocoder")  # AudioLDM2, with the pipeline's own arithmetic
-    hop = np.prod(vocoder["upsample_rates"]) / vocoder["sampling_rate"]
-    frames = int(request.seconds / hop)
-    rows = math.ceil(frames / scale)
-    return BandGeometry(rows, 2**downsamplers, "seconds", float(hop * scale))
+    rows = adapter_for(entry).latent_rows(entry, request)
+    return BandGeometry(rows.rows, rows.unit, rows.what, rows.per_row)
 
 
 # ---- traffic ----------------------------------------------------------------------------------------------
