@@ -130,8 +130,9 @@ def sequential(rec: WanRecording) -> torch.Tensor:
     return parastep(rec, ranks=1, warmup=rec.steps)
 
 
-def parastep(rec: WanRecording, ranks: int, warmup: int) -> torch.Tensor:
-    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps."""
+def parastep(rec: WanRecording, ranks: int, warmup: int, sync_solver: bool = True) -> torch.Tensor:
+    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps;
+    `sync_solver` False: the broadcast carries the latent alone and ranks keep their own history."""
     total = rec.steps
     if ranks > 1 and warmup < 1:
         raise ValueError("ParaStep needs a warm-up step to fill the ranks' caches")
@@ -157,7 +158,8 @@ def parastep(rec: WanRecording, ranks: int, warmup: int) -> torch.Tensor:
             for m in range(n):  # rank 0 applies its own calls, then the received ones
                 raws = calls(rec, latents[0], timesteps[s]) if m == 0 else predictions[m]
                 latents[0] = advance(rec, schedulers[0], raws, s + m, latents[0])
-            if s != starts[-1]:  # the broadcast: latent and solver state
+            if s != starts[-1]:  # the broadcast: latent (and solver state)
                 latents = [latents[0].clone() for _ in range(ranks)]
-                schedulers = [schedulers[0]] + [copy.deepcopy(schedulers[0]) for _ in range(1, ranks)]
+                if sync_solver:
+                    schedulers = [schedulers[0]] + [copy.deepcopy(schedulers[0]) for _ in range(1, ranks)]
         return latents[0]

@@ -55,6 +55,28 @@ def test_parastep_across_gpus_matches_batchstep(engine):
     assert para.ranks[1]["bytes_sent"] > 0
 
 
+# ---- Wan: a loop of separate guidance calls, and a transformer with a context-parallel plan ---------------
+WAN = dict(model="tiny-wan", prompt="a red ball", frames=5, height=32, width=48, steps=8, seed=1)
+
+
+def test_wan_parastep_on_one_gpu_equals_sequential(engine):
+    seq = engine.run(engine.plan(GenerationRequest(**WAN, devices="cuda:0")), previews=False)
+    para = engine.run(
+        engine.plan(GenerationRequest(**WAN, strategy="parastep", devices="cuda:0")), previews=False
+    )
+    assert np.array_equal(seq.latents, para.latents)
+
+
+def test_wan_context_parallel_across_gpus_matches_sequential(engine):
+    """diffusers' own Ulysses attention over NCCL on the transformer's `_cp_plan` (refused on CPU)."""
+    if gpus() < 2:
+        pytest.skip("needs two GPUs")
+    seq = engine.run(engine.plan(GenerationRequest(**WAN, devices="cuda:0")), previews=False)
+    request = GenerationRequest(**WAN, strategy="context-parallel", devices="cuda:0,1")
+    cp = engine.run(engine.plan(request), previews=False)
+    np.testing.assert_allclose(cp.latents, seq.latents, rtol=1e-3, atol=1e-4)
+
+
 # ---- the published model shapes (scripts/build_full_size_models.py), loaded as downloads ---------------
 
 FULL_SIZE_CACHE_ENV = "PARASTEP_FULL_SIZE_CACHE"  # a HF cache holding the full-size builds (gpu_checks.sh)

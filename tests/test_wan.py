@@ -39,6 +39,7 @@ RUNS = {
     "cache-fbc": ("cache-fbc", "cpu:1", {}),
     "parastep-2": ("parastep", "cpu:2", {"warmup": WARMUP}),
     "parastep-2-all-warmup": ("parastep", "cpu:2", {"warmup": STEPS}),
+    "parastep-2-own-history": ("parastep", "cpu:2", {"warmup": WARMUP, "sync_solver": 0}),
     "cfg-parallel": ("cfg-parallel", "cpu:2", {}),
     "parastep-3": ("parastep", "cpu:3", {"warmup": WARMUP}),
 }
@@ -96,6 +97,7 @@ def references(models):
                 "stock": rec.stock_latents.numpy(),
                 "sequential": oracle_wan.sequential(rec).numpy(),
                 **{f"parastep-{n}": oracle_wan.parastep(rec, n, WARMUP).numpy() for n in (1, 2, 3)},
+                "parastep-2-own-history": oracle_wan.parastep(rec, 2, WARMUP, sync_solver=False).numpy(),
                 "experts": len(rec.experts),
                 "boundary_steps": sum(oracle_wan.high_noise(rec, t) for t in rec.scheduler.timesteps),
             }
@@ -133,6 +135,18 @@ def test_parastep_matches_the_reference(model, ranks, runs, references):
     latents = runs(model, f"parastep-{ranks}").latents
     assert_close(latents, references(model)[f"parastep-{ranks}"], EXACT, f"{model} parastep N={ranks}")
     assert_distinct(latents, runs(model, "sequential").latents, EXACT, f"{model} parastep N={ranks}")
+
+
+def test_parastep_without_solver_sync_keeps_each_ranks_history(runs, references):
+    """sync_solver 0 (as published): rank 1 steps UniPC with its own history; another result, and
+    the broadcast carries the latent alone."""
+    model = "tiny-wan"
+    own = runs(model, "parastep-2-own-history")
+    assert_close(own.latents, references(model)["parastep-2-own-history"], EXACT, "parastep N=2 own history")
+    assert_distinct(own.latents, runs(model, "parastep-2").latents, EXACT, "own history vs synced")
+    latent_bytes = math.prod(own.latents.shape) * np.dtype(np.float32).itemsize
+    traffic = expected_traffic(STEPS, WARMUP, 2, 2 * latent_bytes, latent_bytes)
+    assert [c["bytes_sent"] for c in own.ranks] == [t["bytes_sent"] for t in traffic]
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -60,6 +60,15 @@ class ParaStepStrategy(Strategy):
             1,
         ),
         StrategyOption(
+            "sync_solver",
+            "1: the round-end broadcast also carries a multistep scheduler's history (UniPC, DPM-Solver), "
+            "so every rank starts each round where rank 0 is; 0: ranks keep their own history, as "
+            "published (less traffic). Nothing changes with stateless schedulers (DDIM, Euler).",
+            1,
+            0,
+            1,
+        ),
+        StrategyOption(
             "adaptive",
             "Percent, 0 = off: after the warm-up, run a step on every rank (as in the warm-up) whenever "
             "the guided prediction changed by this much or more from the previous step (relative L2), "
@@ -80,6 +89,7 @@ class ParaStepStrategy(Strategy):
         self.warmup = int(options["warmup"])
         self.fresh_reuse = bool(options.get("fresh_reuse", 0))
         self.adaptive_pct = int(options.get("adaptive", 0) or 0)
+        self.sync_solver = bool(options.get("sync_solver", 1))
         # This rank's last own predictions, one whole denoiser output per call of the step.
         self.cache: dict[int, Any] = {}
         self._pending_sends: list[Any] = []
@@ -158,8 +168,9 @@ class ParaStepStrategy(Strategy):
         next_parallel = self.agree_on_cancel(self.ctx.rank == 0 and self._parallel_next(step + 1))
         if parallel:
             self.broadcast(latent)
-            for tensor in solver_state(self.ctx.pipe.scheduler, latent):
-                self.broadcast(tensor)
+            if self.sync_solver:
+                for tensor in solver_state(self.ctx.pipe.scheduler, latent):
+                    self.broadcast(tensor)
             if self.fresh_reuse and next_parallel and self.peers.size > 2:
                 self._share_freshest()
         self._begin(step + 1, next_parallel)
