@@ -87,7 +87,14 @@ class Engine:
                 f"Strategy '{strategy.name}' cannot run '{entry.name}': {reason}",
                 "Pick another strategy (sequential always works).",
             )
-        resolved = adapter.resolve(request, entry)
+        try:
+            resolved = adapter.resolve(request, entry)
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # a config.json that parses but is wrong
+            raise UserError(
+                f"The config files of model '{entry.name}' ({entry.path}) do not hold what a {entry.family} "
+                f"model needs ({type(exc).__name__}: {exc}).",
+                "Restore the folder from the model's source, or re-save the pipeline with diffusers.",
+            ) from None
         if strategy.name != "sequential":
             _check_scheduler(strategy.name, entry)
         options = self._resolve_options(strategy, resolved, adapter, len(devices))
@@ -256,6 +263,10 @@ class Engine:
             check_output_inside(request.output, [default_output_dir()], f"the latents file {path}")
         entry = read_entry(model_path)
         adapter = adapter_for(entry)
+        try:  # a latents file is data: its request gets the plan's checks (not its image: may be gone)
+            adapter.resolve(request, entry, inputs=False)
+        except UserError as exc:
+            raise UserError(f"The request stored in '{path}' is not valid: {exc.problem}", exc.fix) from None
         target = plan_output(
             output if output is not None else request.output, adapter.modality, clip_stem(request)
         )
@@ -314,12 +325,14 @@ def _check_device_count(strategy: Any, spec: str, count: int) -> None:
 def _check_scheduler(strategy: str, entry: ModelEntry) -> None:
     """Step-parallel strategies need one denoiser call per scheduler step, and BatchStep a plain
     `step(noise, t, latent)` for its look-ahead."""
-    import json
-
     import diffusers
 
+    from engine.catalog import read_model_json
+
     config = entry.path / "scheduler" / "scheduler_config.json"
-    name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
+    name = read_model_json(config).get("_class_name", "") if config.is_file() else ""
+    if not isinstance(name, str):
+        raise UserError(f"'{config}' has _class_name {name!r}, not a class name.", "Restore the file.")
     scheduler = getattr(diffusers, name, None)
     if scheduler is not None and getattr(scheduler, "order", 1) != 1:
         raise UserError(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from engine.catalog import ModelEntry
+from engine.catalog import ModelEntry, read_model_json
 from engine.errors import UserError
 
 # Component classes that carry no weights.
@@ -22,7 +21,7 @@ def pickle_allowed(entry: ModelEntry) -> bool:
 
 
 def weighted_components(entry: ModelEntry) -> list[str]:
-    model_index = json.loads((entry.path / "model_index.json").read_text())
+    model_index = read_model_json(entry.path / "model_index.json")
     components = []
     for name, spec in model_index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
@@ -37,7 +36,7 @@ def check_components(entry: ModelEntry) -> None:
     in the model folder is code that runs on load; `trust_remote_code` is never passed)."""
     import importlib.util
 
-    model_index = json.loads((entry.path / "model_index.json").read_text())
+    model_index = read_model_json(entry.path / "model_index.json")
     for name, spec in model_index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
             continue
@@ -88,7 +87,10 @@ def check_weights(entry: ModelEntry) -> None:
             )
         index_files = sorted(folder.glob("*.safetensors.index.json"))
         for index in index_files:
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            weight_map = read_model_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise UserError(f"'{index}' has no 'weight_map' object.", "Restore the file.")
+            shards = {shard for shard in weight_map.values() if isinstance(shard, str)}
             for shard in sorted(shards):
                 if not (folder / shard).is_file():
                     raise UserError(f"Weight shard '{folder / shard}' is missing.", "Restore the file.")
@@ -151,4 +153,4 @@ def component_config(entry: ModelEntry | Path, component: str) -> dict[str, Any]
     config = path / component / "config.json"
     if not config.is_file():
         raise UserError(f"'{config}' is missing.", "Restore the pipeline folder.")
-    return json.loads(config.read_text())
+    return read_model_json(config)

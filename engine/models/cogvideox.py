@@ -19,6 +19,7 @@ class CogVideoXAdapter(FamilyAdapter):
     published_steps = 50
     published_warmup = 13
     defaults = {"steps": 50, "guidance_scale": 6.0, "frames": 49, "height": 480, "width": 720, "fps": 8}
+    largest_side = 2048  # published at 480x720; attention over 2048x2048 already needs hundreds of GiB
 
     def factors(self, entry: ModelEntry) -> tuple[int, int]:
         """(spatial factor the size must be a multiple of, temporal compression)."""
