@@ -66,7 +66,7 @@ def read_model_json(file: Path) -> dict[str, Any]:
         ) from None
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise UserError(
-            f"'{file}' is not valid JSON ({one_line(exc)}).",
+            f"'{file}' is not a valid JSON file ({one_line(exc)}).",
             "Restore the file from the model's source, or re-save the pipeline with diffusers.",
         ) from None
     if not isinstance(data, dict):
@@ -143,12 +143,12 @@ def _read_studio(file: Path) -> dict[str, Any]:
         wrong += [
             f"defaults.{key}"
             for key, value in defaults.items()
-            if isinstance(value, bool) or not isinstance(value, int | float | str | type(None))
+            if isinstance(value, bool) or not isinstance(value, int | float)
         ]
     if wrong:
         raise UserError(
             f"'{file}' has {', '.join(wrong)} of the wrong type.",
-            "Fix or delete it: family and description are text, defaults an object of numbers.",
+            "Fix or delete it: 'family' and 'description' are text, 'defaults' maps fields to numbers.",
         )
     return studio
 

@@ -16,7 +16,7 @@ from typing import Any
 from engine.catalog import ModelCatalog, ModelEntry
 from engine.devices import format_devices, parse_devices
 from engine.errors import JobCancelled, UserError, WorkerFailure
-from engine.loading import check_weights
+from engine.loading import check_configs, check_weights
 from engine.models import FamilyAdapter, adapter_for
 from engine.pending_decode import decode_command
 from engine.protocol import GenerationRequest, StageEvent
@@ -75,6 +75,7 @@ class Engine:
     # ---- planning (no workers) ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> Plan:
         entry = self.catalog.resolve(request.model)
+        check_configs(entry)
         adapter = adapter_for(entry)
         strategy = strategy_class(request.strategy)
         devices = parse_devices(request.devices, strategy.max_devices)

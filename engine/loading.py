@@ -31,6 +31,20 @@ def weighted_components(entry: ModelEntry) -> list[str]:
     return components
 
 
+CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
+
+
+def check_configs(entry: ModelEntry) -> None:
+    """Reads every component's config file, so a damaged one fails at plan time naming the file
+    (instead of inside a worker, as a library traceback, after the other components loaded)."""
+    for name, spec in read_model_json(entry.path / "model_index.json").items():
+        if name.startswith("_") or not isinstance(spec, list):
+            continue
+        for file in CONFIG_FILES:
+            if (entry.path / name / file).is_file():
+                read_model_json(entry.path / name / file)
+
+
 def check_components(entry: ModelEntry) -> None:
     """Refuses components whose class would come from outside diffusers and transformers (a module
     in the model folder is code that runs on load; `trust_remote_code` is never passed)."""

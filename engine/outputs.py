@@ -155,8 +155,9 @@ PATH_MAX = 4096
 
 def _check_lengths(target: Path) -> None:
     """Refuses a path the file system cannot hold, counting the sidecar's longer `.json` name."""
-    names = [*target.parts[1:], sidecar_path(target).name]
-    longest = max(names, key=lambda name: len(os.fsencode(name)), default="")
+    longest = max(target.parts[1:], key=lambda name: len(os.fsencode(name)), default="")
+    if len(os.fsencode(longest)) <= NAME_MAX:  # the sidecar's name may be the one too long
+        longest = sidecar_path(target).name
     if len(os.fsencode(longest)) > NAME_MAX:
         raise UserError(
             f"The output name '{longest[:40]}...' is {len(os.fsencode(longest))} bytes long; file names "

@@ -41,13 +41,13 @@ class FamilyAdapter:
             if getattr(request, name) is None and name in defaults
         }
         resolved = dataclasses.replace(request, **filled)
+        if self.modality == "video":  # the family's limit first: it names the model's sizes
+            for name in ("height", "width"):
+                check_side(name, getattr(resolved, name), self.max_side(entry), defaults.get(name))
         check_values(resolved)  # the command line builds requests without from_dict
         _check_range("steps", resolved.steps, 1, MAX_STEPS)
         if resolved.guidance_scale is None:
             raise UserError("'guidance_scale' is None; it must be from 0 to 100.", "Set --guidance-scale.")
-        if self.modality == "video":
-            for name in ("height", "width"):
-                check_side(name, getattr(resolved, name), self.max_side(entry), defaults.get(name))
         self.check(resolved, entry)
         if inputs:
             self.check_inputs(resolved)
