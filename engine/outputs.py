@@ -33,6 +33,7 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.metrics import json_safe
+from engine.output_policy import expand_user
 from engine.protocol import GenerationRequest
 
 CLIP_FORMAT = "parastep-studio/clip"
@@ -126,7 +127,7 @@ def plan_output(output: str | os.PathLike[str] | None, modality: str, stem: str)
     if output is None or not output.strip():
         return _free_name(_ensure_writable_folder(default_output_dir()), _safe_stem(stem), allowed[0])
 
-    target = Path(output).expanduser().absolute()
+    target = expand_user(output).absolute()
     _check_lengths(target)  # before any stat: a name over the limit raises ENAMETOOLONG there
     separators = tuple(s for s in (os.sep, os.altsep) if s)
     if output.endswith(separators) or target.is_dir():

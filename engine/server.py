@@ -40,7 +40,7 @@ from engine.job_queue import (
     check_compare_specs,
     default_queue_path,
 )
-from engine.output_policy import check_output_inside
+from engine.output_policy import check_output_inside, expand_user
 from engine.protocol import PROTOCOL_VERSION, GenerationRequest
 from engine.socket_path import default_socket_path, prepare_socket_folder
 from engine.wire import MessageReader, WireError, encode_message
@@ -673,12 +673,12 @@ class EngineServer:
         # Only the user can connect (0600 socket): a client's own message is the user's choice, unlike
         # a request's `output`, which may come from a sidecar (engine.output_policy).
         folder = message.get("folder")
-        if not isinstance(folder, str) or not Path(folder).expanduser().is_absolute():
+        if not isinstance(folder, str) or not expand_user(folder).is_absolute():
             raise UserError(
                 f"'allow_output' has folder {folder!r}; it must be an absolute folder path.",
                 "Send the folder the user chose for clips.",
             )
-        path = Path(folder).expanduser()
+        path = expand_user(folder)
         if path not in self._output_folders:
             if len(self._output_folders) >= MAX_OUTPUT_FOLDERS:  # the oldest choice goes first
                 del self._output_folders[0]

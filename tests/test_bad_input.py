@@ -630,6 +630,14 @@ CASES = [
     Case("request output escaping with ..", "socket", lambda c: _outside_output(c, "dotdot")),
     Case("request output through a symlink", "socket", lambda c: _outside_output(c, "symlink")),
     Case("request output relative", "socket", lambda c: _outside_output(c, "relative")),
+    Case(
+        "request output in the home of an unknown user",  # found by scripts/fuzz_protocol.py
+        "socket",
+        lambda c: _socket_message(
+            {"type": "submit", "request": {**GOOD, "output": "~no-such-user-x/clip.mp4"}},
+            ["~no-such-user-x", "absolute path"],
+        ),
+    ),
     # ---- sidecars and latents files -----------------------------------------------------------------
     Case(
         "sidecar from a newer version",
