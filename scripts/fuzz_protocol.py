@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.client import EngineClient  # noqa: E402
+from engine.client import EngineClient, EngineError  # noqa: E402
 from engine.wire import HEADER, MAX_MESSAGE_BYTES, loads_strict  # noqa: E402
 
 NO_MODEL = {"model": "no-such-model-here", "prompt": "a red circle", "steps": 2}
@@ -268,7 +268,10 @@ class Engine:
         removed: collections.Counter = collections.Counter()
         for job in self.probe.call({"type": "queue"}, "queue", PROBE_TIMEOUT_S)["jobs"]:
             if job["status"] != "running":
-                self.probe.call({"type": "remove", "job_id": job["job_id"]}, "queue", PROBE_TIMEOUT_S)
+                try:
+                    self.probe.call({"type": "remove", "job_id": job["job_id"]}, "queue", PROBE_TIMEOUT_S)
+                except EngineError:  # it started running since the listing
+                    continue
                 removed[job["status"]] += 1
         self.probe.history.clear()  # broadcasts pile up on the probe otherwise
         return removed
