@@ -52,14 +52,14 @@ class GenerationRequest:
         version = data.get("version", PROTOCOL_VERSION)
         if not isinstance(version, int) or version > PROTOCOL_VERSION:
             raise UserError(
-                f"The request was written by a newer ParaStep Studio (format {version}, this one reads "
-                f"up to {PROTOCOL_VERSION}).",
+                f"The request was written by a newer ParaStep Studio (format {_short(version)}, this one "
+                f"reads up to {PROTOCOL_VERSION}).",
                 "Update ParaStep Studio to open it.",
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields) - {"version"})
         if unknown:
-            raise UserError(f"Unknown request field(s): {', '.join(unknown)}.", "Remove them.")
+            raise UserError(f"Unknown request field(s): {', '.join(map(_shown, unknown))}.", "Remove them.")
         if "model" not in data:
             raise UserError("The request names no model.", "Add a 'model' field.")
         kwargs = {}
@@ -87,7 +87,10 @@ def check_values(request: GenerationRequest) -> None:
         )
     guidance = request.guidance_scale
     if guidance is not None and not 0 <= guidance <= 100:  # NaN fails this too
-        raise UserError(f"'guidance_scale' is {guidance}; it must be from 0 to 100.", _GUIDANCE_FIX)
+        raise UserError(
+            f"'guidance_scale' is {guidance}; it must be from 0 to 100.",
+            "Set --guidance-scale from 0 to 100.",
+        )
     if not 0 <= request.seed < 2**63:
         raise UserError(f"'seed' is {request.seed}; it must be from 0 to 2**63-1.", "Set --seed in range.")
     if request.seconds is not None and not math.isfinite(request.seconds):
@@ -107,9 +110,6 @@ def check_values(request: GenerationRequest) -> None:
             f"'strategy_options' is {_short(options)}; it must map option names to numbers, text or null.",
             'Send the strategy\'s options as named in the catalog, e.g. {"warmup": 2}.',
         )
-
-
-_GUIDANCE_FIX = "Set --guidance-scale from 0 to 100."
 
 
 def _check_text(name: str, text: str | None) -> None:
@@ -142,6 +142,15 @@ def _plain_option(value: Any) -> bool:
             return False
         return len(value) <= 1000
     return value is None or isinstance(value, bool | int)
+
+
+def _shown(text: str) -> str:
+    """`text` for a message: as is when it is short UTF-8 text, else its shortened repr."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _short(text)
+    return text if len(text) <= 80 else _short(text)
 
 
 def _short(value: Any) -> str:

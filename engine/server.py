@@ -472,7 +472,9 @@ class EngineServer:
                 self._write(client)
 
     def _reply_error(self, client: _Client, message: str, in_reply_to: str | None = None) -> None:
-        reply: dict[str, Any] = {"type": "error", "message": one_line(message)}
+        # A message quoting the client's own text must still encode: lone surrogates become \udxxx.
+        text = one_line(message).encode("utf-8", "backslashreplace").decode("utf-8")
+        reply: dict[str, Any] = {"type": "error", "message": text}
         if in_reply_to is not None:
             reply["in_reply_to"] = in_reply_to
         self._send(client, {**reply, **self._reply_fields()})

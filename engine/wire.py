@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-MAX_DEPTH = 32  # nested arrays/objects; the protocol needs 4 (a compare list in a submit)
+MAX_DEPTH = 32  # nested arrays/objects; the deepest message (a comparison's result in `queue`) needs ~10
 HEADER = struct.Struct(">I")
 
 
