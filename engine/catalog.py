@@ -54,6 +54,35 @@ def hf_cache_dir() -> Path:
     return Path(home) / "hub"
 
 
+def read_model_json(file: Path) -> dict[str, Any]:
+    """A JSON object from a model folder (model_index.json, a component's config.json, studio.json).
+
+    Raises UserError naming the file when it cannot be read, is not JSON or is not an object.
+    """
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(
+            f"'{file}' cannot be read ({exc.strerror or exc}).", "Restore the model folder."
+        ) from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UserError(
+            f"'{file}' is not a valid JSON file ({one_line(exc)}).",
+            "Restore the file from the model's source, or re-save the pipeline with diffusers.",
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(
+            f"'{file}' holds a JSON {type(data).__name__}, not an object.",
+            "Restore the file from the model's source, or re-save the pipeline with diffusers.",
+        )
+    return data
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def read_entry(path: Path, name: str | None = None, source: str = "local") -> ModelEntry:
     """Describes the pipeline folder at `path`, or says why it is not one."""
     if not path.exists():
@@ -68,24 +97,20 @@ def read_entry(path: Path, name: str | None = None, source: str = "local") -> Mo
             f"'{path}' is not a diffusers pipeline folder: it has no model_index.json.",
             "Give a folder saved with DiffusionPipeline.save_pretrained (diffusers layout).",
         )
+    model_index = read_model_json(index)
     try:
-        model_index = json.loads(index.read_text())
         pipeline_class = model_index["_class_name"]
         if not isinstance(pipeline_class, str):  # community pipelines name [module, class]
             raise ValueError(f"_class_name is {pipeline_class!r}, a custom pipeline that needs remote code")
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(
-            f"'{index}' is not a valid model_index.json ({exc}).", "Re-save the pipeline with diffusers."
+            f"'{index}' is not a valid model_index.json ({one_line(exc)}).",
+            "Re-save the pipeline with diffusers.",
         ) from None
     family = FAMILIES.get(pipeline_class, "generic")
     studio: dict[str, Any] = {}
     if (path / STUDIO_FILE).is_file():
-        try:
-            studio = json.loads((path / STUDIO_FILE).read_text())
-        except ValueError as exc:
-            raise UserError(
-                f"'{path / STUDIO_FILE}' is not valid JSON ({exc}).", "Fix or delete it."
-            ) from None
+        studio = _read_studio(path / STUDIO_FILE)
         claimed = studio.get("family")
         if claimed and claimed != family:
             raise UserError(
@@ -101,6 +126,32 @@ def read_entry(path: Path, name: str | None = None, source: str = "local") -> Mo
         defaults=dict(studio.get("defaults", {})),
         description=studio.get("description", ""),
     )
+
+
+def _read_studio(file: Path) -> dict[str, Any]:
+    """studio.json: {"family": str, "description": str, "defaults": {field: number}}, all optional."""
+    try:
+        studio = read_model_json(file)
+    except UserError as exc:
+        raise UserError(exc.problem, "Fix or delete it.") from None
+    wrong = [
+        key
+        for key, kinds in (("family", str), ("description", str), ("defaults", dict))
+        if key in studio and not isinstance(studio[key], kinds)
+    ]
+    defaults = studio.get("defaults", {})
+    if isinstance(defaults, dict):
+        wrong += [
+            f"defaults.{key}"
+            for key, value in defaults.items()
+            if isinstance(value, bool) or not isinstance(value, int | float)
+        ]
+    if wrong:
+        raise UserError(
+            f"'{file}' has {', '.join(wrong)} of the wrong type.",
+            "Fix or delete it: 'family' and 'description' are text, 'defaults' maps fields to numbers.",
+        )
+    return studio
 
 
 class ModelCatalog:
@@ -166,3 +217,19 @@ def _hf_cache_snapshots() -> list[tuple[str, Path]]:
         if snapshot is not None and (snapshot / "model_index.json").is_file():
             found.append((name, snapshot))
     return found
+
+
+ALLOW_PICKLE_FILE = ".parastep-allow-pickle"  # an empty file the user puts in a folder they trust
+
+
+def pickle_allowed(entry: ModelEntry) -> bool:
+    return (entry.path / ALLOW_PICKLE_FILE).is_file()
+
+
+def component_config(entry: ModelEntry | Path, component: str) -> dict[str, Any]:
+    """A component's config.json (the VAE's, the transformer's, ...)."""
+    path = entry.path if isinstance(entry, ModelEntry) else entry
+    config = path / component / "config.json"
+    if not config.is_file():
+        raise UserError(f"'{config}' is missing.", "Restore the pipeline folder.")
+    return read_model_json(config)

@@ -16,7 +16,7 @@ from typing import Any
 from engine.catalog import ModelCatalog, ModelEntry
 from engine.devices import format_devices, parse_devices
 from engine.errors import JobCancelled, UserError, WorkerFailure
-from engine.loading import check_weights
+from engine.loading import check_configs, check_weights
 from engine.models import FamilyAdapter, adapter_for
 from engine.pending_decode import decode_command
 from engine.protocol import GenerationRequest, StageEvent
@@ -75,6 +75,7 @@ class Engine:
     # ---- planning (no workers) ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> Plan:
         entry = self.catalog.resolve(request.model)
+        check_configs(entry)
         adapter = adapter_for(entry)
         strategy = strategy_class(request.strategy)
         devices = parse_devices(request.devices, strategy.max_devices)
@@ -87,7 +88,14 @@ class Engine:
                 f"Strategy '{strategy.name}' cannot run '{entry.name}': {reason}",
                 "Pick another strategy (sequential always works).",
             )
-        resolved = adapter.resolve(request, entry)
+        try:
+            resolved = adapter.resolve(request, entry)
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # a config.json that parses but is wrong
+            raise UserError(
+                f"The config files of model '{entry.name}' ({entry.path}) do not hold what a {entry.family} "
+                f"model needs ({type(exc).__name__}: {exc}).",
+                "Restore the folder from the model's source, or re-save the pipeline with diffusers.",
+            ) from None
         _check_scheduler(strategy, entry)
         options = self._resolve_options(strategy, resolved, adapter, len(devices))
         with_options = dataclasses.replace(resolved, strategy_options=options)
@@ -255,6 +263,10 @@ class Engine:
             check_output_inside(request.output, [default_output_dir()], f"the latents file {path}")
         entry = read_entry(model_path)
         adapter = adapter_for(entry)
+        try:  # a latents file is data: its request gets the plan's checks (not its image: may be gone)
+            adapter.resolve(request, entry, inputs=False)
+        except UserError as exc:
+            raise UserError(f"The request stored in '{path}' is not valid: {exc.problem}", exc.fix) from None
         target = plan_output(
             output if output is not None else request.output, adapter.modality, clip_stem(request)
         )
@@ -334,13 +346,15 @@ def _check_scheduler(strategy: Any, entry: ModelEntry) -> None:
 
 def scheduler_class(entry: ModelEntry) -> Any:
     """The diffusers class named in the model's scheduler config (None: none or unknown)."""
-    import json
-
     import diffusers
 
+    from engine.catalog import read_model_json
+
     config = entry.path / "scheduler" / "scheduler_config.json"
-    name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
-    return getattr(diffusers, name, None) if isinstance(name, str) and name else None
+    name = read_model_json(config).get("_class_name", "") if config.is_file() else ""
+    if not isinstance(name, str):
+        raise UserError(f"'{config}' has _class_name {name!r}, not a class name.", "Restore the file.")
+    return getattr(diffusers, name, None) if name else None
 
 
 def loop_state_arguments(scheduler: Any) -> list[str]:

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
+from engine.wire import check_plain, loads_strict
+
+QUEUE_MAX_DEPTH = 64  # a job's result nests a few levels deeper than any message
 
 QUEUE_FORMAT = "parastep-studio/queue"
 QUEUE_FORMAT_VERSION = 1
@@ -43,6 +46,8 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = (
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED)
 REQUEUEABLE = (INTERRUPTED, FAILED, CANCELLED)
 INTERRUPTED_ERROR = "The engine stopped while this job ran. Fix: requeue it to run it again."
+MAX_JOBS = 1000  # jobs in the queue, finished ones included: each change rewrites the whole file
+MAX_COMPARE = 32  # [strategy, devices] pairs in one comparison
 
 
 def default_state_dir() -> Path:
@@ -83,6 +88,7 @@ class Job:
         """A job from the queue file; raises ValueError naming what is wrong."""
         if not isinstance(data, dict):
             raise ValueError("a job is not a JSON object")
+        check_plain(data, QUEUE_MAX_DEPTH)
         job_id, status = data.get("job_id"), data.get("status")
         if not isinstance(job_id, str) or not job_id:
             raise ValueError("a job has no job_id")
@@ -104,7 +110,7 @@ class Job:
 def _valid_specs(specs: Any) -> bool:
     return (
         isinstance(specs, list)
-        and len(specs) > 0
+        and 0 < len(specs) <= MAX_COMPARE
         and all(
             isinstance(s, list | tuple) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in specs
         )
@@ -117,7 +123,8 @@ def check_compare_specs(specs: Any) -> list[list[str]] | None:
         return None
     if not _valid_specs(specs):
         raise UserError(
-            f"'compare' is {specs!r}; it must be a non-empty list of [strategy, devices] pairs.",
+            f"'compare' is {repr(specs)[:200]}; it must be a list of 1 to {MAX_COMPARE} [strategy, devices] "
+            "pairs.",
             'Send e.g. [["sequential", "cpu:1"], ["parastep", "cpu:2"]] or leave it out.',
         )
     return [[name, devices] for name, devices in specs]
@@ -138,6 +145,7 @@ class JobQueue:
         self.notices: list[str] = []  # problems found when loading, for every client that connects
         self._lock = threading.RLock()
         self._jobs: list[Job] = []
+        self._save_failing = False  # reported once when saving starts failing, and once when it works again
         self._load()
 
     # ---- reading -----------------------------------------------------------------------------------
@@ -162,6 +170,11 @@ class JobQueue:
         """Appends a queued job and returns it."""
         job = Job(uuid.uuid4().hex[:12], QUEUED, copy.deepcopy(request), check_compare_specs(compare))
         with self._lock:
+            if len(self._jobs) >= MAX_JOBS:
+                raise UserError(
+                    f"The queue already holds {len(self._jobs)} jobs (at most {MAX_JOBS}).",
+                    "Remove finished jobs, or wait for queued ones to run.",
+                )
             self._jobs.append(job)
             self._save()
             return copy.deepcopy(job)
@@ -261,7 +274,7 @@ class JobQueue:
             return
         try:
             jobs = self._parse(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             aside = self._move_aside()
             where = f"it was moved to {aside}" if aside else "it could not be moved aside"
             self._report(
@@ -279,7 +292,9 @@ class JobQueue:
 
     @staticmethod
     def _parse(text: str) -> list[Job]:
-        data = json.loads(text)
+        # Strict: a NaN or a lone surrogate written by an older engine would fail every later save
+        # and every `queue` reply, so such a file is moved aside like any damaged one.
+        data = loads_strict(text, QUEUE_MAX_DEPTH)
         if not isinstance(data, dict) or data.get("format") != QUEUE_FORMAT:
             raise ValueError("not a ParaStep Studio queue file")
         version = data.get("version")
@@ -322,12 +337,17 @@ class JobQueue:
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
             tmp = None
-        except (OSError, ValueError) as exc:
+            if self._save_failing:
+                self._save_failing = False
+                self.on_problem(f"The queue is saved to {self.path} again.")
+        except (OSError, ValueError, RecursionError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self.on_problem(
-                f"The queue could not be saved to {self.path} ({reason}); it is kept in memory only. "
-                "Fix: free disk space or make the folder writable."
-            )
+            if not self._save_failing:  # an alarm, not a flood: every change would repeat it
+                self._save_failing = True
+                self.on_problem(
+                    f"The queue could not be saved to {self.path} ({reason}); it is kept in memory only "
+                    "and lost if the engine stops. Fix: free disk space or make the folder writable."
+                )
         finally:
             if tmp is not None:
                 try:

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from engine.catalog import ModelEntry
+from engine.catalog import ALLOW_PICKLE_FILE, ModelEntry, pickle_allowed, read_model_json
 from engine.errors import UserError
+from engine.models import adapter_for
 
 # Component classes that carry no weights.
 _WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 # A file the user creates in a model folder to allow its pickle weights (which can run code when
 # loaded). Only the user makes it: nothing in ParaStep Studio writes it, and it covers that folder only.
-ALLOW_PICKLE_FILE = ".parastep-allow-pickle"
-
-
-def pickle_allowed(entry: ModelEntry) -> bool:
-    return (entry.path / ALLOW_PICKLE_FILE).is_file()
-
-
 def weighted_components(entry: ModelEntry) -> list[str]:
-    model_index = json.loads((entry.path / "model_index.json").read_text())
+    model_index = read_model_json(entry.path / "model_index.json")
     components = []
     for name, spec in model_index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
@@ -32,12 +26,26 @@ def weighted_components(entry: ModelEntry) -> list[str]:
     return components
 
 
+CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
+
+
+def check_configs(entry: ModelEntry) -> None:
+    """Reads every component's config file, so a damaged one fails at plan time naming the file
+    (instead of inside a worker, as a library traceback, after the other components loaded)."""
+    for name, spec in read_model_json(entry.path / "model_index.json").items():
+        if name.startswith("_") or not isinstance(spec, list):
+            continue
+        for file in CONFIG_FILES:
+            if (entry.path / name / file).is_file():
+                read_model_json(entry.path / name / file)
+
+
 def check_components(entry: ModelEntry) -> None:
     """Refuses components whose class would come from outside diffusers and transformers (a module
     in the model folder is code that runs on load; `trust_remote_code` is never passed)."""
     import importlib.util
 
-    model_index = json.loads((entry.path / "model_index.json").read_text())
+    model_index = read_model_json(entry.path / "model_index.json")
     for name, spec in model_index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
             continue
@@ -88,7 +96,10 @@ def check_weights(entry: ModelEntry) -> None:
             )
         index_files = sorted(folder.glob("*.safetensors.index.json"))
         for index in index_files:
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            weight_map = read_model_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise UserError(f"'{index}' has no 'weight_map' object.", "Restore the file.")
+            shards = {shard for shard in weight_map.values() if isinstance(shard, str)}
             for shard in sorted(shards):
                 if not (folder / shard).is_file():
                     raise UserError(f"Weight shard '{folder / shard}' is missing.", "Restore the file.")
@@ -110,8 +121,6 @@ def load_pipeline(entry: ModelEntry, device: str, dtype: Any) -> Any:
     import transformers
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
-
-    from engine.models import adapter_for
 
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -144,11 +153,3 @@ def resolve_dtype(name: str, device: str) -> Any:
     if name not in table:
         raise UserError(f"Unknown dtype '{name}'.", "Use auto, fp32, fp16 or bf16.")
     return table[name]
-
-
-def component_config(entry: ModelEntry | Path, component: str) -> dict[str, Any]:
-    path = entry.path if isinstance(entry, ModelEntry) else entry
-    config = path / component / "config.json"
-    if not config.is_file():
-        raise UserError(f"'{config}' is missing.", "Restore the pipeline folder.")
-    return json.loads(config.read_text())

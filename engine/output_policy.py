@@ -17,9 +17,21 @@ from pathlib import Path
 from engine.errors import UserError
 
 
+def expand_user(path: str | os.PathLike[str]) -> Path:
+    """`Path(path).expanduser()`, with a UserError for `~name` of a user this system does not know
+    (pathlib raises RuntimeError there)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise UserError(
+            f"The path '{path}' starts with the home folder of a user this system does not know.",
+            "Give the folder as an absolute path.",
+        ) from None
+
+
 def resolved(path: str | os.PathLike[str]) -> Path:
     """`path` made absolute with `~`, `..` and every symlink of its existing part resolved."""
-    return Path(os.path.realpath(Path(path).expanduser()))
+    return Path(os.path.realpath(expand_user(path)))
 
 
 def is_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
@@ -36,7 +48,7 @@ def check_output_inside(output: str | None, folders: Iterable[str | os.PathLike[
         return
     allowed = [Path(folder) for folder in folders]
     names = ", ".join(str(folder) for folder in allowed) or "none"
-    if not Path(output).expanduser().is_absolute():
+    if not expand_user(output).is_absolute():
         raise UserError(
             f"The 'output' of {source} is '{output}', a relative path; paths that come from a request "
             f"or a sidecar must be absolute and inside an output folder ({names}).",

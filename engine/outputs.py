@@ -33,6 +33,7 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.metrics import json_safe
+from engine.output_policy import expand_user
 from engine.protocol import GenerationRequest
 
 CLIP_FORMAT = "parastep-studio/clip"
@@ -126,7 +127,8 @@ def plan_output(output: str | os.PathLike[str] | None, modality: str, stem: str)
     if output is None or not output.strip():
         return _free_name(_ensure_writable_folder(default_output_dir()), _safe_stem(stem), allowed[0])
 
-    target = Path(output).expanduser().absolute()
+    target = expand_user(output).absolute()
+    _check_lengths(target)  # before any stat: a name over the limit raises ENAMETOOLONG there
     separators = tuple(s for s in (os.sep, os.altsep) if s)
     if output.endswith(separators) or target.is_dir():
         return _free_name(_ensure_writable_folder(target), _safe_stem(stem), allowed[0])
@@ -146,6 +148,29 @@ def plan_output(output: str | os.PathLike[str] | None, modality: str, stem: str)
     _check_free(target, sidecar_path(target))
     _ensure_writable_folder(target.parent)
     return target
+
+
+NAME_MAX = 255  # bytes in one file name on ext4, btrfs, xfs, APFS
+PATH_MAX = 4096
+
+
+def _check_lengths(target: Path) -> None:
+    """Refuses a path the file system cannot hold, counting the sidecar's longer `.json` name."""
+    longest = max(target.parts[1:], key=lambda name: len(os.fsencode(name)), default="")
+    if len(os.fsencode(longest)) <= NAME_MAX:  # the sidecar's name may be the one too long
+        longest = sidecar_path(target).name
+    if len(os.fsencode(longest)) > NAME_MAX:
+        raise UserError(
+            f"The output name '{longest[:40]}...' is {len(os.fsencode(longest))} bytes long; file names "
+            f"can have at most {NAME_MAX} (the sidecar adds '.json').",
+            f"Use a shorter name (at most {NAME_MAX - 6} bytes before the extension).",
+        )
+    if len(os.fsencode(str(target))) + 1 > PATH_MAX:
+        raise UserError(
+            f"The output path is {len(os.fsencode(str(target)))} bytes long; paths can have at most "
+            f"{PATH_MAX - 1}.",
+            "Choose a folder with a shorter path.",
+        )
 
 
 def sidecar_path(clip: str | Path) -> Path:

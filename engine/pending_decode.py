@@ -64,8 +64,8 @@ def load_pending(path: str | Path) -> tuple[Any, GenerationRequest, Path]:
             latents = handle.get_tensor("latents")
         request = GenerationRequest.from_dict(json.loads(metadata["request"]))
         return latents, request, Path(metadata["model_path"])
-    except UserError:
-        raise
+    except UserError as exc:  # the stored request is checked like a new one
+        raise UserError(f"The request stored in '{file}' is not valid: {exc.problem}", exc.fix) from None
     except Exception as exc:  # safetensors and json raise their own types
         raise UserError(
             f"'{file}' is not a latents file saved by ParaStep Studio ({exc}).",

@@ -40,7 +40,7 @@ from engine.job_queue import (
     check_compare_specs,
     default_queue_path,
 )
-from engine.output_policy import check_output_inside
+from engine.output_policy import check_output_inside, expand_user
 from engine.protocol import PROTOCOL_VERSION, GenerationRequest
 from engine.socket_path import default_socket_path, prepare_socket_folder
 from engine.wire import MessageReader, WireError, encode_message
@@ -51,6 +51,8 @@ PREVIEW_INTERVAL_S = 0.1  # at most ~10 preview messages per second per job
 TICK_S = 0.05
 PARENT_POLL_S = 0.5
 MAX_CLIENT_BACKLOG = 64 * 1024 * 1024  # unsent bytes for one client before it is dropped
+MAX_CATALOG_THREADS = 4  # catalog answers being built at once (each may scan folders for seconds)
+MAX_OUTPUT_FOLDERS = 64  # folders allowed with allow_output while the engine runs
 STOP_GRACE_S = 15.0  # how long a stop waits for the running job to wind down before killing workers
 WIRE_FIX = (
     "Send each message as a 4-byte big-endian length, then that many bytes (at most 16 MiB) of UTF-8 "
@@ -174,6 +176,7 @@ class EngineServer:
         self._request_id: Any = None  # `id` of the client message being handled
         self._cancel_job: str | None = None
         self._output_folders: list[Path] = []  # chosen by the user (allow_output), besides the default
+        self._catalog_slots = threading.BoundedSemaphore(MAX_CATALOG_THREADS)
         self._started = False
         self._closed = False
         self._handlers = {
@@ -213,7 +216,7 @@ class EngineServer:
         except BaseException:
             self._release_locks()
             raise
-        self.queue = JobQueue(self.queue_path, on_problem=_log)
+        self.queue = JobQueue(self.queue_path, on_problem=self._queue_problem)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._listener, self._wake_r, self._wake_w):
@@ -224,6 +227,12 @@ class EngineServer:
         self._runner.start()
         self._started = True
         _log(f"listening on {path} (pid {os.getpid()}, queue {self.queue_path})")
+
+    def _queue_problem(self, message: str) -> None:
+        """From any thread: a queue file that cannot be read or written is an alarm for every client."""
+        _log(message)
+        if self._selector is not None:  # a problem found while loading waits for each `welcome`
+            self._post(None, {"type": "log", "message": one_line(message)})
 
     def _bind(self, path: Path) -> socket.socket:
         try:
@@ -280,11 +289,7 @@ class EngineServer:
                     elif key.data == "wake":
                         self._drain_wake()
                     else:
-                        client = key.data
-                        if mask & selectors.EVENT_READ:
-                            self._read(client)
-                        if mask & selectors.EVENT_WRITE and not client.closed:
-                            self._write(client)
+                        self._serve_client(key.data, mask)
                 self._drain_outbox()
                 for message in self._previews.due():
                     self._send(None, message)
@@ -387,6 +392,18 @@ class EngineServer:
             pass
         client.sock.close()
 
+    def _serve_client(self, client: _Client, mask: int) -> None:
+        """Reads and writes one client: anything that goes wrong costs that connection, never the engine."""
+        try:
+            if mask & selectors.EVENT_READ:
+                self._read(client)
+            if mask & selectors.EVENT_WRITE and not client.closed:
+                self._write(client)
+        except Exception:
+            traceback.print_exc()
+            _log("a client's connection failed in an unexpected way; closing that connection")
+            self._drop(client)
+
     def _read(self, client: _Client) -> None:
         try:
             data = client.sock.recv(1 << 16)
@@ -400,11 +417,19 @@ class EngineServer:
             return
         client.reader.feed(data)
         while not client.closed and not self._stop_requested:
+            # Decoding, validation and the reply all happen in here: a frame can only ever cost an
+            # `error` reply (RecursionError, UnicodeError, MemoryError... included), never the loop.
             try:
                 message = client.reader.next_message()
             except WireError as exc:
                 self._reply_error(client, f"{exc} Fix: {WIRE_FIX}")
                 continue
+            except Exception as exc:  # a reader bug: the stream's framing can no longer be trusted
+                traceback.print_exc()
+                self._reply_error(client, f"The engine could not read a message ({type(exc).__name__}).")
+                self._write(client)
+                self._drop(client)
+                return
             if message is None:
                 break
             self._handle(client, message)
@@ -435,8 +460,8 @@ class EngineServer:
         """To one client, or (target None) to every client that said hello."""
         try:
             data = encode_message(message)
-        except WireError as exc:
-            _log(f"dropped an outgoing message: {exc}")
+        except Exception as exc:  # WireError; anything else is a bug, but must not stop the loop
+            _log(f"dropped an outgoing message: {type(exc).__name__}: {exc}")
             if target is not None and message.get("type") != "error":
                 self._reply_error(target, str(exc), message.get("type"))
             return
@@ -447,7 +472,9 @@ class EngineServer:
                 self._write(client)
 
     def _reply_error(self, client: _Client, message: str, in_reply_to: str | None = None) -> None:
-        reply: dict[str, Any] = {"type": "error", "message": one_line(message)}
+        # A message quoting the client's own text must still encode: lone surrogates become \udxxx.
+        text = one_line(message).encode("utf-8", "backslashreplace").decode("utf-8")
+        reply: dict[str, Any] = {"type": "error", "message": text}
         if in_reply_to is not None:
             reply["in_reply_to"] = in_reply_to
         self._send(client, {**reply, **self._reply_fields()})
@@ -469,10 +496,12 @@ class EngineServer:
                 return
             if target is not None and target.closed:
                 continue
-            if message is _QUEUE_SNAPSHOT:
-                self._send(target, self._queue_message())
-            else:
-                self._send(target, message)
+            try:
+                self._send(target, self._queue_message() if message is _QUEUE_SNAPSHOT else message)
+            except Exception:  # e.g. a client's socket failing mid-write: drop that one, keep going
+                traceback.print_exc()
+                if target is not None:
+                    self._drop(target)
 
     # ---- socket thread: messages -----------------------------------------------------------------
     def _queue_message(self, **extra: Any) -> dict[str, Any]:
@@ -507,7 +536,7 @@ class EngineServer:
         except Exception as exc:  # a bug: report it, keep serving
             traceback.print_exc()
             self._reply_error(
-                client, f"The engine failed to handle '{kind}': {type(exc).__name__}: {exc}", kind
+                client, f"The engine failed to handle '{kind}': {type(exc).__name__}: {exc}"[:2000], kind
             )
         finally:
             self._request_id = None
@@ -535,6 +564,13 @@ class EngineServer:
         folders = message.get("folders") or []
         if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
             raise UserError("'folders' must be a list of folder paths.", "Send a list of strings.")
+        if len(folders) > 100:
+            raise UserError(f"'folders' names {len(folders)} folders.", "Send at most 100.")
+        if not self._catalog_slots.acquire(blocking=False):
+            raise UserError(
+                f"The engine is still answering {MAX_CATALOG_THREADS} earlier 'catalog' messages.",
+                "Wait for their answers, then ask again.",
+            )
         threading.Thread(  # imports torch on first use: keep the socket thread free
             target=self._catalog_main,
             args=(client, folders, self._reply_fields()),
@@ -543,6 +579,12 @@ class EngineServer:
         ).start()
 
     def _catalog_main(self, client: _Client, folders: list[str], reply_fields: dict[str, Any]) -> None:
+        try:
+            self._catalog(client, folders, reply_fields)
+        finally:
+            self._catalog_slots.release()
+
+    def _catalog(self, client: _Client, folders: list[str], reply_fields: dict[str, Any]) -> None:
         try:
             from engine.catalog import ModelCatalog
             from engine.devices import inventory
@@ -633,13 +675,15 @@ class EngineServer:
         # Only the user can connect (0600 socket): a client's own message is the user's choice, unlike
         # a request's `output`, which may come from a sidecar (engine.output_policy).
         folder = message.get("folder")
-        if not isinstance(folder, str) or not Path(folder).expanduser().is_absolute():
+        if not isinstance(folder, str) or not expand_user(folder).is_absolute():
             raise UserError(
                 f"'allow_output' has folder {folder!r}; it must be an absolute folder path.",
                 "Send the folder the user chose for clips.",
             )
-        path = Path(folder).expanduser()
+        path = expand_user(folder)
         if path not in self._output_folders:
+            if len(self._output_folders) >= MAX_OUTPUT_FOLDERS:  # the oldest choice goes first
+                del self._output_folders[0]
             self._output_folders.append(path)
         folders = [str(f) for f in self.output_folders()]
         self._send(client, {"type": "output_folders", "folders": folders, **self._reply_fields()})

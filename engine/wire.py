@@ -3,16 +3,22 @@
 Each message is a 4-byte big-endian unsigned length, then that many bytes of UTF-8 JSON holding one
 object with a string `"type"` (see docs/protocol.md). This module imports only the standard library,
 so the window (which never imports torch) and the engine share it.
+
+The JSON is strict both ways: no NaN or Infinity (nor numbers too large for a float), no lone
+surrogates in strings (they cannot be encoded as UTF-8), at most `MAX_DEPTH` nested arrays/objects.
+Whatever is decoded can therefore be encoded again and saved in the queue file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from typing import Any
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_DEPTH = 32  # nested arrays/objects; the deepest message (a comparison's result in `queue`) needs ~10
 HEADER = struct.Struct(">I")
 
 
@@ -26,9 +32,9 @@ def encode_message(message: dict[str, Any]) -> bytes:
         raise WireError("A message must be a JSON object with a string 'type'.")
     try:
         body = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        data = body.encode("utf-8")  # a lone surrogate fails here (UnicodeEncodeError)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise WireError(f"Message '{message['type']}' is not JSON-serialisable ({exc}).") from None
-    data = body.encode("utf-8")
     if len(data) > MAX_MESSAGE_BYTES:
         raise WireError(
             f"Message '{message['type']}' is {len(data)} bytes, over the {_limit(MAX_MESSAGE_BYTES)} limit."
@@ -43,7 +49,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise WireError(f"Message is not UTF-8 ({exc.reason} at byte {exc.start}).") from None
     try:
-        message = json.loads(text)
+        message = loads_strict(text)
+    except RecursionError:  # the C parser recurses per level; deeper than MAX_DEPTH anyway
+        raise WireError(f"Message is nested more than {MAX_DEPTH} levels deep.") from None
     except ValueError as exc:
         raise WireError(f"Message is not valid JSON ({exc}).") from None
     if not isinstance(message, dict):
@@ -51,6 +59,56 @@ def decode_body(body: bytes) -> dict[str, Any]:
     if not isinstance(message.get("type"), str):
         raise WireError("Message has no string 'type' field.")
     return message
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is too large")
+    return value
+
+
+def loads_strict(text: str, max_depth: int = MAX_DEPTH) -> Any:
+    """`json.loads` that refuses NaN/Infinity, overflowing floats, lone surrogates and deep nesting.
+
+    Raises ValueError naming the problem (RecursionError for nesting deep enough to hit Python's limit).
+    """
+    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    check_plain(value, max_depth)
+    return value
+
+
+def check_plain(value: Any, max_depth: int = MAX_DEPTH) -> None:
+    """Raises ValueError if `value` nests deeper than `max_depth` or holds a string with a lone surrogate.
+
+    Iterative, so a deep value cannot exhaust the stack here.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict | list):
+            if depth > max_depth:
+                raise ValueError(f"nested more than {max_depth} levels deep")
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"a string holds a lone surrogate ({text[exc.start]!r} at character {exc.start}), not UTF-8 text"
+        ) from None
 
 
 class MessageReader:

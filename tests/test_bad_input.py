@@ -18,7 +18,9 @@ import contextlib
 import io
 import json
 import shutil
+import struct
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +31,10 @@ import pytest
 from PIL import Image
 
 from app.cli import main
+from engine.catalog import ALLOW_PICKLE_FILE
 from engine.client import EngineClient
 from engine.engine import Engine
 from engine.errors import UserError
-from engine.loading import ALLOW_PICKLE_FILE
 from engine.outputs import build_metadata, export_clip, read_request, write_clip
 from engine.protocol import PROTOCOL_VERSION, GenerationRequest
 from engine.server import EngineServer
@@ -172,6 +174,30 @@ def _edited_model(ctx: Ctx, name: str, file: str, edit: Callable[[dict], None]) 
     return model
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that is only a signature and a header claiming `width` x `height` (no pixel data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def _tiny_image(ctx: Ctx) -> Path:
+    path = ctx.tmp / "dot.png"
+    Image.new("RGB", (1, 1)).save(path)
+    return path
+
+
+def _broken_config(ctx: Ctx, file: str) -> tuple[list[str], list[str]]:
+    model = ctx.model()
+    (model / file).write_text('{"_class_name": "CogVideoXDDIMScheduler", ')  # cut short
+    # parastep reads the scheduler's config at plan time too; either way the file is named
+    argv = ["--model", str(model), *COG[2:], "--strategy", "parastep", "--devices", "cpu:2"]
+    return argv, [str(model / file), "not a valid JSON"]
+
+
 def _socket_raw(data: bytes, expected: list[str]) -> tuple[Callable, list[str]]:
     def run(client: EngineClient) -> str:
         client.send_raw(data)
@@ -287,6 +313,36 @@ CASES = [
     Case("width not a multiple", "cli", lambda c: ([*COG, "--width", "100"], ["width 100", "multiple of"])),
     Case("fps zero", "cli", lambda c: ([*COG, "--fps", "0"], ["fps 0", "--fps"])),
     Case(
+        "height far over the family's largest",
+        "cli",
+        lambda c: ([*COG, "--height", "262144"], ["height 262144", "at most 2048", "--height 2048"]),
+    ),
+    Case(
+        "width over the cap from a request",
+        "request",
+        lambda c: ({**GOOD, "width": 262144}, ["width 262144", "at most 8192"]),
+    ),
+    Case(
+        "prompt with a byte that is not UTF-8",
+        "cli",  # argv decodes such bytes to lone surrogates (surrogateescape)
+        lambda c: ([*COG, "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], ["'prompt'", "UTF-8"]),
+    ),
+    Case(
+        "prompt with a lone surrogate",
+        "request",
+        lambda c: ({**GOOD, "prompt": "a \ud800 circle"}, ["'prompt'", "UTF-8", "surrogate"]),
+    ),
+    Case(
+        "guidance NaN",
+        "request",
+        lambda c: ({**GOOD, "guidance_scale": float("nan")}, ["'guidance_scale'", "finite"]),
+    ),
+    Case(
+        "strategy option that is not a plain value",
+        "request",
+        lambda c: ({**GOOD, "strategy_options": {"warmup": [[1]]}}, ["'strategy_options'"]),
+    ),
+    Case(
         "audio too long", "cli", lambda c: (["--model", "tiny-audioldm2", "--seconds", "999"], ["--seconds"])
     ),
     Case("audio of no length", "cli", lambda c: (["--model", "tiny-audioldm2", "--seconds", "0"], ["0.0 s"])),
@@ -313,6 +369,22 @@ CASES = [
         lambda c: (
             ["--model", "tiny-svd", "--image", str(_write(c.tmp / "broken.png", b"not a png"))],
             ["broken.png", "cannot be read"],
+        ),
+    ),
+    Case(
+        "svd image whose header claims 100000x100000 (a decompression bomb)",
+        "cli",
+        lambda c: (
+            ["--model", "tiny-svd", "--image", str(_write(c.tmp / "bomb.png", _png_header(100000, 100000)))],
+            ["bomb.png", "too large", "smaller image"],
+        ),
+    ),
+    Case(
+        "svd image of 1x1 pixels",
+        "cli",
+        lambda c: (
+            ["--model", "tiny-svd", "--image", str(_tiny_image(c))],
+            ["dot.png", "1x1", "at least 16"],
         ),
     ),
     Case(
@@ -391,6 +463,32 @@ CASES = [
         ),
     ),
     Case("missing weight shard", "cli", _index_with_missing_shard),
+    Case(
+        "scheduler_config.json not JSON",
+        "cli",
+        lambda c: _broken_config(c, "scheduler/scheduler_config.json"),
+    ),
+    Case("transformer config.json not JSON", "cli", lambda c: _broken_config(c, "transformer/config.json")),
+    Case(
+        "studio.json a list",
+        "cli",
+        lambda c: (
+            ["--model", str(_write(c.model() / "studio.json", "[1, 2]").parent), *COG[2:]],
+            ["studio.json", "JSON list", "delete it"],
+        ),
+    ),
+    Case(
+        "studio.json of the wrong types",
+        "cli",
+        lambda c: (
+            [
+                "--model",
+                str(_edited_model(c, "tiny-cogvideox", "studio.json", _set("defaults", {"steps": "many"}))),
+                *COG[2:],
+            ],
+            ["studio.json", "defaults.steps"],
+        ),
+    ),
     Case("pickle weights without the user's allowance", "cli", _pickled),
     Case(
         "claims another family",
@@ -441,6 +539,11 @@ CASES = [
             [str(c.tmp / "a-file")],
         ),
     ),
+    Case(
+        "output file name of 300 characters",
+        "cli",
+        lambda c: ([*COG, "--output", str(c.tmp / ("x" * 296 + ".mp4"))], ["300 bytes", "at most 255"]),
+    ),
     Case("wrong clip extension", "cli", lambda c: ([*COG, "--output", str(c.tmp / "clip.wav")], [".mp4"])),
     Case(
         "output file exists",
@@ -453,6 +556,34 @@ CASES = [
     # ---- the engine socket --------------------------------------------------------------------------
     Case("frame not JSON", "socket", lambda c: _socket_raw(_frame(b"{nope"), ["not valid JSON"])),
     Case("frame not UTF-8", "socket", lambda c: _socket_raw(_frame(b'{"type": "\xff"}'), ["not UTF-8"])),
+    Case(
+        "frame of 2 KB of nested brackets",
+        "socket",
+        lambda c: _socket_raw(_frame(b"[" * 2048), ["nested more than 32 levels"]),
+    ),
+    Case(
+        "frame with NaN in a request",
+        "socket",
+        lambda c: _socket_raw(
+            _frame(b'{"type": "submit", "request": {"model": "tiny-cogvideox", "guidance_scale": NaN}}'),
+            ["NaN"],
+        ),
+    ),
+    Case(
+        "frame with a number too large for a float",
+        "socket",
+        lambda c: _socket_raw(
+            _frame(b'{"type": "submit", "request": {"model": "x", "seconds": 1e999}}'), ["1e999"]
+        ),
+    ),
+    Case(
+        "frame with a lone surrogate in a prompt",
+        "socket",
+        lambda c: _socket_raw(
+            _frame(b'{"type": "submit", "request": {"model": "tiny-cogvideox", "prompt": "\\ud800"}}'),
+            ["surrogate"],
+        ),
+    ),
     Case("frame a JSON list", "socket", lambda c: _socket_raw(_frame(b"[1, 2]"), ["not an object"])),
     Case("frame without type", "socket", lambda c: _socket_raw(_frame(b'{"kind": "queue"}'), ["'type'"])),
     Case(
@@ -499,6 +630,14 @@ CASES = [
     Case("request output escaping with ..", "socket", lambda c: _outside_output(c, "dotdot")),
     Case("request output through a symlink", "socket", lambda c: _outside_output(c, "symlink")),
     Case("request output relative", "socket", lambda c: _outside_output(c, "relative")),
+    Case(
+        "request output in the home of an unknown user",  # found by scripts/fuzz_protocol.py
+        "socket",
+        lambda c: _socket_message(
+            {"type": "submit", "request": {**GOOD, "output": "~no-such-user-x/clip.mp4"}},
+            ["~no-such-user-x", "absolute path"],
+        ),
+    ),
     # ---- sidecars and latents files -----------------------------------------------------------------
     Case(
         "sidecar from a newer version",
@@ -528,6 +667,16 @@ CASES = [
     Case("export of a clip whose sidecar was edited", "file", lambda c: _export_edited(c)),
     Case(
         "decode of a file that is not latents", "file", lambda c: _decode(c.image(), ["not a latents file"])
+    ),
+    Case(
+        "decode of latents whose stored request has fps 0",
+        "file",
+        lambda c: _decode(c.latents(fps=0), ["request stored", "fps 0", "--fps"]),
+    ),
+    Case(
+        "decode of latents whose stored request has a NaN guidance",
+        "file",
+        lambda c: _decode(c.latents(guidance_scale=float("nan")), ["request stored", "'guidance_scale'"]),
     ),
     Case(
         "decode of latents whose output points elsewhere",

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import read_entry
+from engine.catalog import ALLOW_PICKLE_FILE, read_entry
 from engine.client import EngineClient, EngineError
 from engine.errors import UserError
-from engine.loading import ALLOW_PICKLE_FILE, check_weights, load_pipeline
+from engine.loading import check_weights, load_pipeline
 from engine.output_policy import check_output_inside
 from engine.server import EngineServer
 from tests.conftest import REPO
@@ -135,14 +135,15 @@ def server(tmp_path):
 def test_a_folder_the_user_chose_is_accepted_once_the_client_allows_it(server, tmp_path):
     chosen = tmp_path / "my clips"
     chosen.mkdir()
-    request = {**GOOD, "steps": 0, "output": f"{chosen}/"}  # steps 0: the job fails when it is planned
+    # height 70 is no multiple of the model's 16: the job fails when it is planned, not at submit
+    request = {**GOOD, "height": 70, "output": f"{chosen}/"}
     with pytest.raises(EngineError, match="outside the output folder"):
         server.submit(request)
     folders = server.call({"type": "allow_output", "folder": str(chosen)}, "output_folders")["folders"]
     assert str(chosen) in folders
     job_id = server.submit(request)  # accepted now
     failed = server.wait_for("job_failed", 60, job_id=job_id)
-    assert "'steps' is 0" in failed["error"] and not any(chosen.iterdir())
+    assert "height 70" in failed["error"] and not any(chosen.iterdir())
 
 
 # ---- the engine socket ------------------------------------------------------------------------------

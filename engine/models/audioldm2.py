@@ -6,9 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.catalog import ModelEntry
+from engine.catalog import ModelEntry, component_config, pickle_allowed
 from engine.errors import UserError
-from engine.loading import component_config, pickle_allowed
 from engine.models.base import FamilyAdapter, LatentRows, unet_block_count, unet_blocks
 from engine.protocol import GenerationRequest
 
@@ -34,9 +33,9 @@ class AudioLDM2Adapter(FamilyAdapter):
     def component_overrides(self, entry: ModelEntry, dtype: Any) -> dict[str, Any]:
         """cvssp/audioldm2* name `GPT2Model` as the language model; the pipeline generates with it,
         which needs the generation mixin of `GPT2LMHeadModel` (same weights, tied head)."""
-        import json
+        from engine.catalog import read_model_json
 
-        index = json.loads((entry.path / "model_index.json").read_text())
+        index = read_model_json(entry.path / "model_index.json")
         if index.get("language_model", [None, None])[1] != "GPT2Model":
             return {}
         from transformers import GPT2LMHeadModel

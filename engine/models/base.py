@@ -13,9 +13,7 @@ import numpy as np
 
 from engine.catalog import ModelEntry
 from engine.errors import UserError
-from engine.protocol import GenerationRequest
-
-MAX_STEPS = 1000
+from engine.protocol import MAX_SIDE, MAX_STEPS, GenerationRequest, check_values
 
 
 class FamilyAdapter:
@@ -35,10 +33,16 @@ class FamilyAdapter:
     # The loop's shape: False, one denoiser call per step on a batch holding both guidance halves
     # (CogVideoX, SVD, AudioLDM2); True, one call per guidance pass (Wan, HunyuanVideo 1.5, LTX-2).
     separate_guidance_calls = False
+    largest_side = MAX_SIDE  # height/width; families whose memory grows past use set less
 
     # ---- engine side: validation --------------------------------------------------------------
-    def resolve(self, request: GenerationRequest, entry: ModelEntry) -> GenerationRequest:
-        """The request with every default filled in, checked against the family's constraints."""
+    def resolve(
+        self, request: GenerationRequest, entry: ModelEntry, inputs: bool = True
+    ) -> GenerationRequest:
+        """The request with every default filled in, checked against the family's constraints.
+
+        `inputs` False skips the input files (for `decode` of kept latents, whose image may be gone).
+        """
         defaults = {**self.defaults, **entry.defaults}
         filled = {
             name: defaults[name]
@@ -46,18 +50,24 @@ class FamilyAdapter:
             if getattr(request, name) is None and name in defaults
         }
         resolved = dataclasses.replace(request, **filled)
+        if self.modality == "video":  # the family's limit first: it names the model's sizes
+            for name in ("height", "width"):
+                check_side(name, getattr(resolved, name), self.max_side(entry), defaults.get(name))
+        check_values(resolved)  # the command line builds requests without from_dict
         _check_range("steps", resolved.steps, 1, MAX_STEPS)
-        if resolved.guidance_scale is None or not 0 <= resolved.guidance_scale <= 100:
-            raise UserError(
-                f"'guidance_scale' is {resolved.guidance_scale}; it must be from 0 to 100.",
-                "Set --guidance-scale from 0 to 100.",
-            )
-        if not 0 <= resolved.seed < 2**63:
-            raise UserError(
-                f"'seed' is {resolved.seed}; it must be from 0 to 2**63-1.", "Set --seed in range."
-            )
+        if resolved.guidance_scale is None:
+            raise UserError("'guidance_scale' is None; it must be from 0 to 100.", "Set --guidance-scale.")
         self.check(resolved, entry)
+        if inputs:
+            self.check_inputs(resolved)
         return resolved
+
+    def max_side(self, entry: ModelEntry) -> int:
+        """The largest height or width this family makes; past it a job only runs out of memory."""
+        return min(self.largest_side, MAX_SIDE)
+
+    def check_inputs(self, request: GenerationRequest) -> None:
+        """Checks the files a request reads (an image): not needed to decode kept latents."""
 
     def request_fields(self) -> tuple[str, ...]:
         common = ("steps", "guidance_scale")
@@ -185,6 +195,15 @@ def unet_block_count(config: dict[str, Any], has_mid: bool) -> int:
 def _check_range(name: str, value: Any, low: float, high: float) -> None:
     if value is None or not low <= value <= high:
         raise UserError(f"'{name}' is {value}; it must be from {low} to {high}.", f"Set --{name} in range.")
+
+
+def check_side(name: str, value: int | None, largest: int, default: Any) -> None:
+    if value is not None and value > largest:
+        hint = f" (its default is {default})" if default else ""
+        raise UserError(
+            f"{name} {value} is larger than this model makes (at most {largest}).",
+            f"Use --{name} {largest} or less{hint}.",
+        )
 
 
 def check_multiple(name: str, value: int | None, factor: int, family: str) -> None:

@@ -6,9 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.catalog import ModelEntry
+from engine.catalog import ModelEntry, component_config
 from engine.errors import UserError
-from engine.loading import component_config
 from engine.models.base import (
     FamilyAdapter,
     LatentRows,
@@ -27,6 +26,7 @@ class CogVideoXAdapter(FamilyAdapter):
     defaults = {"steps": 50, "guidance_scale": 6.0, "frames": 49, "height": 480, "width": 720, "fps": 8}
     denoiser_class = "CogVideoXTransformer3DModel"
     faster_cache_layout = "BFCHW"  # the transformer is called with [B, F, C, H, W]
+    largest_side = 2048  # published at 480x720; attention over 2048x2048 already needs hundreds of GiB
 
     def factors(self, entry: ModelEntry) -> tuple[int, int]:
         """(spatial factor the size must be a multiple of, temporal compression)."""

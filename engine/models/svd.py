@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.catalog import ModelEntry
+from engine.catalog import ModelEntry, component_config
 from engine.errors import UserError
-from engine.loading import component_config
 from engine.models.base import (
     FamilyAdapter,
     LatentRows,
@@ -21,6 +20,8 @@ from engine.models.base import (
 from engine.protocol import GenerationRequest
 
 MIN_GUIDANCE = 1.0  # the pipeline's min_guidance_scale: guidance rises per frame from this value
+MIN_IMAGE_SIDE = 16  # pixels; smaller images carry nothing to animate once resized to the clip
+MAX_IMAGE_PIXELS = 8192 * 8192  # a header may claim anything; PIL itself refuses only past 179M
 
 
 def load_image(path: str | None) -> Any:
@@ -36,9 +37,29 @@ def load_image(path: str | None) -> Any:
         raise UserError(f"Image '{file}' does not exist.", "Check the path given to --image.")
     try:
         with Image.open(file) as image:
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{width}x{height} pixels")
+            if min(width, height) < MIN_IMAGE_SIDE:
+                raise UserError(
+                    f"Image '{file}' is {width}x{height} pixels; it must be at least "
+                    f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}.",
+                    "Give a larger image (ideally the clip's size, e.g. 1024x576).",
+                )
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UserError(
+            f"Image '{file}' is too large to open ({_size_of(exc)}; at most {MAX_IMAGE_PIXELS} pixels).",
+            "Give a smaller image (ideally the clip's size, e.g. 1024x576).",
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"Image '{file}' cannot be read ({exc}).", "Give a PNG or JPEG file.") from None
+
+
+def _size_of(exc: Exception) -> str:
+    """PIL's bomb message names the pixel count; keep just that part."""
+    text = str(exc)
+    return text.split(" exceeds ")[0].replace("Image size (", "").rstrip(")") if " exceeds " in text else text
 
 
 class SVDAdapter(FamilyAdapter):
@@ -49,14 +70,17 @@ class SVDAdapter(FamilyAdapter):
     published_steps = 50
     published_warmup = 5
     defaults = {"steps": 50, "guidance_scale": 3.0, "frames": 14, "height": 576, "width": 1024, "fps": 7}
+    largest_side = 2048  # published at 576x1024
 
     def size_factor(self, entry: ModelEntry) -> int:
         vae = component_config(entry, "vae")
         unet = component_config(entry, "unet")
         return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
 
-    def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
+    def check_inputs(self, request: GenerationRequest) -> None:
         load_image(request.image)
+
+    def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
         factor = self.size_factor(entry)
         check_multiple("height", request.height, factor, "this Stable Video Diffusion model")
         check_multiple("width", request.width, factor, "this Stable Video Diffusion model")

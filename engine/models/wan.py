@@ -10,26 +10,19 @@ The scheduler is UniPC multistep with flow sigmas (`flow_prediction`).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
-from engine.catalog import ModelEntry
+from engine.catalog import ModelEntry, component_config, read_model_json
 from engine.errors import UserError
-from engine.loading import component_config
 from engine.models.base import FamilyAdapter, check_multiple, to_uint8_frames
 from engine.protocol import GenerationRequest
 
 
 def pipeline_config(entry: ModelEntry) -> dict[str, Any]:
     """model_index.json's pipeline settings (boundary_ratio, expand_timesteps)."""
-    try:
-        return json.loads((entry.path / "model_index.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"'{entry.path / 'model_index.json'}' cannot be read ({exc}).", "Restore the pipeline folder."
-        ) from None
+    return read_model_json(entry.path / "model_index.json")
 
 
 class WanAdapter(FamilyAdapter):
