@@ -233,7 +233,7 @@ REFUSED = {  # strategy -> a phrase of the reason it gives at plan time
 }
 
 
-# ---- the output: 44.1 kHz stereo ----------------------------------------------------------------------------
+# ---- the output: 44.1 kHz stereo ------------------------------------------------------------------------
 def test_the_clip_is_stereo_at_44100_hz(shared_engine, runs, tmp_path):
     import soundfile as sf
 
