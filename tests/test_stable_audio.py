@@ -271,3 +271,16 @@ def test_seconds_are_bounded_by_the_latent_span():
             adapter.resolve(GenerationRequest(model=MODEL, prompt="x", seed=0, seconds=bad), entry)
         assert "--seconds above 0 and at most 1.48" in info.value.fix
     adapter.resolve(GenerationRequest(model=MODEL, prompt="x", seed=0, seconds=longest), entry)
+
+
+def test_published_defaults_fit_the_published_config():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "resources/configs/stabilityai--stable-audio-open-1.0"
+    entry = read_entry(folder)
+    adapter = adapter_for(entry)
+    assert entry.family == "stable-audio" and not adapter.separate_guidance_calls
+    assert adapter.lengths(entry)[1] == pytest.approx(1024 * 2048 / RATE)  # 47.55 s
+    resolved = adapter.resolve(GenerationRequest(model=str(folder), prompt="x", seed=0), entry)
+    assert (resolved.steps, resolved.seconds, resolved.guidance_scale) == (100, 10.0, 7.0)
+    assert adapter.default_warmup(resolved.steps) == 10

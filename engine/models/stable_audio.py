@@ -66,10 +66,11 @@ class StableAudioAdapter(FamilyAdapter):
     def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
         shortest, longest = self.lengths(entry)
         if request.seconds is None or not shortest <= request.seconds <= longest:
+            shown = math.floor(longest * 100) / 100  # rounded down: the value shown is always allowed
             raise UserError(
-                f"Audio length {request.seconds} s is out of range for this model (up to {longest:.2f} s, "
+                f"Audio length {request.seconds} s is out of range for this model (up to {shown:.2f} s, "
                 "the length its latent spans).",
-                f"Use --seconds above 0 and at most {math.floor(longest * 100) / 100:.2f}.",
+                f"Use --seconds above 0 and at most {shown:.2f}.",
             )
 
     # ---- worker side --------------------------------------------------------------------------------
