@@ -284,3 +284,18 @@ def test_published_defaults_fit_the_published_config():
     resolved = adapter.resolve(GenerationRequest(model=str(folder), prompt="x", seed=0), entry)
     assert (resolved.steps, resolved.seconds, resolved.guidance_scale) == (100, 10.0, 7.0)
     assert adapter.default_warmup(resolved.steps) == 10
+
+
+def test_a_missing_torchsde_is_refused_at_plan_time(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name == "torchsde" else find_spec(name, *rest),
+    )
+    entry = read_entry(EMBEDDED_MODELS_DIR / MODEL)
+    with pytest.raises(UserError, match="needs torchsde") as info:
+        adapter_for(entry).resolve(GenerationRequest(model=MODEL, prompt="x", seed=0), entry)
+    assert "pip install torchsde" in info.value.fix

@@ -64,6 +64,14 @@ class StableAudioAdapter(FamilyAdapter):
         return 1.0 / rate, longest
 
     def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("torchsde") is None:  # else diffusers loads a dummy scheduler
+            raise UserError(
+                "Stable Audio's scheduler (CosineDPMSolverMultistepScheduler) needs torchsde, which is not "
+                "installed.",
+                "Run `pip install torchsde` in the app's environment.",
+            )
         shortest, longest = self.lengths(entry)
         if request.seconds is None or not shortest <= request.seconds <= longest:
             shown = math.floor(longest * 100) / 100  # rounded down: the value shown is always allowed
