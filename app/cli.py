@@ -178,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
             print_json({"models": entries})
         else:
             for e in entries:
-                print(f"{e['name']:24} {e['family']:10} {e['source']:9} {e['path']}")
+                print(f"{e['name']:24} {e['family']:12} {e['source']:9} {e['path']}")
         return 0
 
     from engine.engine import Engine

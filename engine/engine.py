@@ -45,7 +45,7 @@ class Plan:
 @dataclass
 class RunResult:
     plan: Plan
-    output: Any  # frames uint8 [F, H, W, 3] or audio float32 [S]
+    output: Any  # frames uint8 [F, H, W, 3] or audio float32 [S] (mono) or [S, C] (stereo)
     rate: float
     latents: Any
     timings: dict[str, float]

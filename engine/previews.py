@@ -100,17 +100,9 @@ class PreviewRenderer:
     @torch.no_grad()
     def fit(self, x0: torch.Tensor) -> dict[str, Any]:
         """Decodes a small part of x0 and fits the latent -> output map against it."""
-        if self.adapter.modality == "audio":
-            part = x0[:1]
-            scaled = part.to(self.pipe.vae.dtype) / self.pipe.vae.config.scaling_factor
-            mel = self.pipe.vae.decode(scaled).sample.float()  # [1, 1, T, F]
-            latent_images, _ = self.adapter.preview_images(part)
-            target = mel[0].transpose(1, 2).flip(1).unsqueeze(0)  # as the preview lays it out
-        else:
-            part = x0[:, :1]
-            frames = torch.from_numpy(self.adapter.decode(self.pipe, part, self.request)[:1]).float() / 255.0
-            latent_images, _ = self.adapter.preview_images(part)
-            target = frames.permute(0, 3, 1, 2)  # [1, 3, H, W]
+        part = x0[:1] if self.adapter.modality == "audio" else x0[:, :1]
+        latent_images, _ = self.adapter.preview_images(part)
+        target = self.adapter.preview_target(self.pipe, part, self.request)  # [1, K, H, W]
         latent_images = latent_images[:1].float().cpu()
         target = torch.nn.functional.adaptive_avg_pool2d(target.float().cpu(), latent_images.shape[-2:])
         channels = latent_images.shape[1]

@@ -7,6 +7,8 @@ Run with ``python -m resources.build_tiny_models [NAME ...] [--out DIR]``. It wr
   stabilityai/stable-video-diffusion-img2vid;
 * ``tiny-audioldm2``: an ``AudioLDM2Pipeline`` (text to audio) laid out like cvssp/audioldm2-large;
 * ``tiny-wan``: a ``WanPipeline`` (text to video) laid out like Wan-AI/Wan2.1-T2V-1.3B-Diffusers;
+* ``tiny-stable-audio``: a ``StableAudioPipeline`` (text to 44.1 kHz stereo audio) laid out like
+  stabilityai/stable-audio-open-1.0;
 * ``tiny-wan-a14b``: the same with two experts (``transformer``, ``transformer_2`` and a
   ``boundary_ratio``), laid out like Wan-AI/Wan2.2-T2V-A14B-Diffusers (built by the tests, not shipped).
 
@@ -42,12 +44,17 @@ from diffusers import (
     AutoencoderKLCogVideoX,
     AutoencoderKLTemporalDecoder,
     AutoencoderKLWan,
+    AutoencoderOobleck,
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
+    CosineDPMSolverMultistepScheduler,
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    StableAudioDiTModel,
+    StableAudioPipeline,
+    StableAudioProjectionModel,
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
     UniPCMultistepScheduler,
@@ -557,6 +564,84 @@ def build_wan(experts: int = 1, num_layers: int = 2) -> Built:
     return pipe, {"family": "wan", "description": description, "defaults": dict(WAN_DEFAULTS)}
 
 
+# --- Stable Audio Open (text to audio), laid out like stabilityai/stable-audio-open-1.0 -----------------
+
+STABLE_AUDIO_DEFAULTS = {"steps": 20, "seconds": 1.0, "guidance_scale": 7.0}
+
+
+def build_stable_audio() -> Built:
+    """T5 text encoder, number conditioners for the start/end seconds, the DiT over Oobleck latents,
+    the Oobleck VAE (44.1 kHz stereo, the published 2048x downsampling), cosine SDE DPM-Solver++.
+
+    The latent has 8 channels instead of 64 and 32 frames instead of 1024: the longest clip is
+    32 * 2048 / 44100 = 1.49 s (the published one: 47.55 s).
+    """
+    text_dim, latent_channels, sample_size = 32, 8, 32
+    tokenizer = build_t5_tokenizer(model_max_length=128)  # the published tokenizer's limit
+    text_encoder = build_t5_encoder(len(tokenizer), text_dim)
+    torch.manual_seed(SEED)
+    # text_encoder_dim == conditioning_dim, as published (768): the text projection is the identity.
+    projection_model = StableAudioProjectionModel(
+        text_encoder_dim=text_dim, conditioning_dim=text_dim, min_value=0, max_value=512
+    )
+    torch.manual_seed(SEED)
+    transformer = StableAudioDiTModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        num_key_value_attention_heads=1,  # grouped-query attention, as published (24 heads, 12 kv)
+        out_channels=latent_channels,
+        cross_attention_dim=text_dim,
+        time_proj_dim=32,
+        global_states_input_dim=2 * text_dim,  # start and end seconds, concatenated
+        cross_attention_input_dim=text_dim,
+    )
+    torch.manual_seed(SEED)
+    vae = AutoencoderOobleck(
+        encoder_hidden_size=2 * latent_channels,  # the encoder outputs mean and scale
+        downsampling_ratios=[2, 4, 4, 8, 8],
+        channel_multiples=[1, 2, 2, 2, 2],
+        decoder_channels=8,
+        decoder_input_channels=latent_channels,
+        audio_channels=2,
+        sampling_rate=44100,
+    )
+    # The published scheduler configuration.
+    scheduler = CosineDPMSolverMultistepScheduler(
+        euler_at_final=False,
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        rho=7.0,
+        sigma_data=1.0,
+        sigma_max=500,
+        sigma_min=0.3,
+        sigma_schedule="exponential",
+        solver_order=2,
+        solver_type="midpoint",
+    )
+    pipe = StableAudioPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        projection_model=projection_model,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    description = (
+        "Tiny random-weight Stable Audio Open (stable-audio-open-1.0 layout, 44100 Hz stereo) for tests "
+        "and CPU benchmarks; outputs noise."
+    )
+    return pipe, {
+        "family": "stable-audio",
+        "description": description,
+        "defaults": dict(STABLE_AUDIO_DEFAULTS),
+    }
+
+
 # --- Saving -------------------------------------------------------------------------------------------------
 
 BUILDERS: dict[str, Callable[[], Built]] = {
@@ -565,8 +650,15 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "tiny-audioldm2": build_audioldm2,
     "tiny-wan": build_wan,
     "tiny-wan-a14b": lambda: build_wan(experts=2),
+    "tiny-stable-audio": build_stable_audio,
 }
-SHIPPED = ("tiny-cogvideox", "tiny-svd", "tiny-audioldm2", "tiny-wan")  # the others: built by the tests
+SHIPPED = (
+    "tiny-cogvideox",
+    "tiny-svd",
+    "tiny-audioldm2",
+    "tiny-wan",
+    "tiny-stable-audio",
+)  # the others: built by the tests
 
 
 def save_model(pipe: DiffusionPipeline, studio: dict[str, Any], target: Path) -> None:

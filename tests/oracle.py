@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("cogvideox", "svd", "audioldm2")
+FAMILIES = ("cogvideox", "svd", "audioldm2")  # test_strategies' families; stable-audio: test_stable_audio
 
 
 @contextlib.contextmanager
@@ -101,6 +101,18 @@ def stock_kwargs(family: str, params: dict[str, Any]) -> dict[str, Any]:
             "generator": generator,
             "output_type": "latent",
         }
+    if family == "stable-audio":
+        return {
+            "prompt": params["prompt"],
+            "negative_prompt": params.get("negative_prompt") or None,
+            "audio_start_in_s": 0.0,
+            "audio_end_in_s": params["seconds"],
+            "num_inference_steps": params["steps"],
+            "guidance_scale": params["guidance_scale"],
+            "num_waveforms_per_prompt": 1,
+            "generator": generator,  # also seeds the SDE scheduler's Brownian tree (initial seed)
+            "output_type": "latent",
+        }
     raise ValueError(f"unknown family {family}")
 
 
@@ -129,7 +141,7 @@ class Recording:
 
 def record(family: str, pipe: Any, params: dict[str, Any]) -> Recording:
     """Runs the stock pipeline once and records its loop's inputs and its final latent."""
-    denoiser = pipe.transformer if family == "cogvideox" else pipe.unet
+    denoiser = pipe.transformer if family in ("cogvideox", "stable-audio") else pipe.unet
     scheduler = pipe.scheduler
     seen: dict[str, Any] = {}
 
@@ -208,7 +220,22 @@ def denoise(rec: Recording, scheduler: Any, latent: torch.Tensor, index: int) ->
         return rec.denoiser(model_input, t, *rec.call_args[2:], **{**rec.call_kwargs, "return_dict": False})[
             0
         ]
+    if rec.family == "stable-audio":  # a one-element timestep; embeddings and rotary pair as recorded
+        return rec.denoiser(model_input, t.unsqueeze(0), **{**rec.call_kwargs, "return_dict": False})[0]
     raise ValueError(rec.family)
+
+
+def copy_scheduler(rec: Recording, scheduler: Any) -> Any:
+    """A rank's private copy of a scheduler. Stable Audio's SDE solver holds a torchsde Brownian tree
+    that breaks once deep-copied after use: the copy starts a fresh tree from the same seed, which
+    draws the same noise at every step (test_stable_audio checks that property on its own)."""
+    if rec.family != "stable-audio":
+        return copy.deepcopy(scheduler)
+    tree, scheduler.noise_sampler = scheduler.noise_sampler, None
+    try:
+        return copy.deepcopy(scheduler)
+    finally:
+        scheduler.noise_sampler = tree
 
 
 def guide(rec: Recording, raw: torch.Tensor) -> torch.Tensor:
@@ -253,11 +280,11 @@ def parastep(rec: Recording, ranks: int, warmup: int) -> torch.Tensor:
         s = warmup
         while s < total:
             n = min(ranks, total - s)
-            at_start = copy.deepcopy(scheduler)
+            at_start = copy_scheduler(rec, scheduler)
             predictions = [denoise(rec, scheduler, x, s)]
             caches[0] = predictions[0]
             for k in range(1, n):
-                own = copy.deepcopy(at_start)  # rank k's scheduler, in step with rank 0's at s
+                own = copy_scheduler(rec, at_start)  # rank k's scheduler, in step with rank 0's at s
                 x_k = x
                 for m in range(k):  # reuse: k steps with rank k's own cached prediction
                     x_k = advance(rec, own, caches[k], s + m, x_k)

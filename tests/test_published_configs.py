@@ -120,8 +120,8 @@ def diffusers_class(class_name: str):
     return getattr(diffusers, class_name)
 
 
-# Classes whose diffusers module needs an optional package that this environment lacks (diffusers then exports
-# a dummy): their config keys are checked against the __init__ arguments read from the module's source.
+# Classes whose diffusers module needs an optional package that an environment may lack (diffusers then
+# exports a dummy): their config keys are checked against the __init__ arguments in the module's source.
 OPTIONAL_BACKEND_MODULES = {
     # needs torchsde (BrownianTreeNoiseSampler)
     "CosineDPMSolverMultistepScheduler": "diffusers.schedulers.scheduling_cosine_dpmsolver_multistep",

@@ -78,6 +78,11 @@ class AudioLDM2Adapter(FamilyAdapter):
         length = int(request.seconds * pipe.vocoder.config.sampling_rate)
         return audio[:length].float().cpu().numpy().astype(np.float32)
 
+    def preview_target(self, pipe: Any, x0: Any, request: GenerationRequest) -> Any:
+        """The decoded mel spectrogram, laid out as the preview lays out the latent."""
+        mel = pipe.vae.decode(x0[:1].to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample.float()
+        return mel[0].transpose(1, 2).flip(1).unsqueeze(0)  # [1, 1, F, T]
+
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         # [C, T, F] -> one image [C, F, T]: time runs left to right, low frequencies at the bottom.
         return x0[0].transpose(1, 2).flip(1).unsqueeze(0), [0]

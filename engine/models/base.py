@@ -102,7 +102,7 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:
-        """Video: uint8 [F, H, W, 3]. Audio: float32 [S] in [-1, 1]."""
+        """Video: uint8 [F, H, W, 3]. Audio: float32 [S] (mono) or [S, C] (e.g. stereo) in [-1, 1]."""
         raise NotImplementedError
 
     def output_rate(self, pipe: Any, request: GenerationRequest) -> float:
@@ -140,6 +140,16 @@ class FamilyAdapter:
             sample = torch.cat([sample, extra], dim=dim)
         return sample
 
+    def copy_scheduler(self, scheduler: Any) -> Any:
+        """A private copy of the loop's scheduler (BatchStep's look-ahead steps run on copies)."""
+        import copy
+
+        return copy.deepcopy(scheduler)
+
+    def x0_after_step(self, scheduler: Any) -> Any:
+        """x0 for previews when scheduler.step's output carries no `pred_original_sample` (None: none)."""
+        return None
+
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         """x0 as a stack of latent images [N, C, h, w] and the output frame index of each."""
         raise NotImplementedError
@@ -158,6 +168,15 @@ class FamilyAdapter:
         """Patch parallelism's geometry: the latent rows a request makes and the multiple a band must
         be of to stay whole through every downsampling or patching."""
         return None
+
+    def preview_target(self, pipe: Any, x0: Any, request: GenerationRequest) -> Any:
+        """What the preview of x0 (one frame's worth, `preview_images` of it giving one image) should
+        look like, [1, K, H, W] with K 3 (RGB) or 1 (grey); the preview fit pools it to the latent
+        image's size. Video: the decoded first frame."""
+        import torch
+
+        frames = torch.from_numpy(self.decode(pipe, x0, request)[:1]).float() / 255.0
+        return frames.permute(0, 3, 1, 2)  # [1, 3, H, W]
 
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, "modality": self.modality}

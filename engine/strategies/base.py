@@ -285,6 +285,9 @@ class Strategy:
         self.latent = output.prev_sample
         self.after_step(output.prev_sample)
         x0 = getattr(output, "pred_original_sample", None)
+        x0_of = getattr(self.ctx.adapter, "x0_after_step", None)
+        if x0 is None and x0_of is not None:  # e.g. a multistep solver's data prediction
+            x0 = x0_of(self.ctx.pipe.scheduler)
         if x0 is None:
             x0 = flow_x0(self._installed[1], args, kwargs, self.noise)
         self.ctx.on_step(StepReport(self.step, self._action, self._step_compute, self._step_wait, x0))

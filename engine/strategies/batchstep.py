@@ -10,7 +10,6 @@ It pays off where the model under-uses the device at batch size 1-2.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -113,7 +112,7 @@ class BatchStepStrategy(Strategy):
 
     def _look_ahead(self, start: int, k: int) -> tuple[Any, torch.Tensor]:
         """Slot k: x_s advanced k steps with slot k's cached prediction, on its own scheduler copy."""
-        scheduler = copy.deepcopy(self.ctx.pipe.scheduler)
+        scheduler = self.ctx.adapter.copy_scheduler(self.ctx.pipe.scheduler)
         del scheduler.step  # the copy must not call back into this strategy
         timesteps = scheduler.timesteps
         latent = self.latent

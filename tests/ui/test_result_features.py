@@ -87,6 +87,18 @@ def test_waveform_peaks_are_bounded(tmp_path):
     assert peaks[1].max() == pytest.approx(0.5, abs=0.01) and peaks[0].min() == pytest.approx(-0.5, abs=0.01)
 
 
+def test_waveform_peaks_cover_both_channels_of_a_stereo_clip(tmp_path):
+    # Stable Audio's clips are 44.1 kHz stereo: the view draws the envelope of both channels together.
+    t = np.arange(44100) / 44100
+    tone = np.sin(2 * np.pi * 440 * t)
+    stereo = np.stack([0.3 * tone, 0.7 * tone], axis=1).astype(np.float32)
+    meta = build_metadata(AUDIO, timings={}, ranks=[])
+    clip = write_clip(tmp_path / "stereo.wav", audio=stereo, sample_rate=44100, metadata=meta)
+    peaks = waveform_peaks(clip, columns=100)
+    assert peaks.shape == (2, 100)
+    assert peaks[1].max() == pytest.approx(0.7, abs=0.01) and peaks[0].min() == pytest.approx(-0.7, abs=0.01)
+
+
 def _drawn_columns(view: WaveformView) -> int:
     image = view.pixmap().toImage()
     background = view.background().rgb()
