@@ -233,6 +233,23 @@ def check_multiple(name: str, value: int | None, factor: int, family: str) -> No
         )
 
 
+def check_video_size(request: GenerationRequest, family: str, period: int, spatial: int, fps: int) -> None:
+    """The usual video constraints: `period`k+1 frames (causal VAEs keep the first frame apart),
+    height and width multiples of `spatial` (VAE compression x patch size), at least 1 fps."""
+    frames = request.frames
+    if frames is None or frames < 1 or (frames - 1) % period:
+        good = max(1, ((frames or 1) - 1) // period * period + 1)
+        raise UserError(
+            f"{family} needs a frame count of {period}k+1 (1, {period + 1}, {2 * period + 1}, ...), "
+            f"not {frames}.",
+            f"Use --frames {good} or {good + period}.",
+        )
+    check_multiple("height", request.height, spatial, f"this {family} model")
+    check_multiple("width", request.width, spatial, f"this {family} model")
+    if not request.fps or request.fps < 1:
+        raise UserError(f"fps {request.fps} must be at least 1.", f"Use --fps {fps}.")
+
+
 def to_uint8_frames(video: Any) -> np.ndarray:
     """[F, C, H, W] or [F, H, W, C] float in [0, 1] -> uint8 [F, H, W, 3]."""
     array = video.float().cpu().numpy() if hasattr(video, "cpu") else np.asarray(video)

@@ -7,11 +7,10 @@ from typing import Any
 import numpy as np
 
 from engine.catalog import ModelEntry, component_config
-from engine.errors import UserError
 from engine.models.base import (
     FamilyAdapter,
     LatentRows,
-    check_multiple,
+    check_video_size,
     to_uint8_frames,
     transformer_blocks,
 )
@@ -37,19 +36,7 @@ class CogVideoXAdapter(FamilyAdapter):
 
     def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
         spatial, temporal = self.factors(entry)
-        frames = request.frames
-        period = 2 * temporal  # CogVideoX 1.0 runs on 8k+1 frames
-        if frames is None or frames < 1 or (frames - 1) % period:
-            good = max(1, ((frames or 1) - 1) // period * period + 1)
-            raise UserError(
-                f"CogVideoX needs a frame count of {period}k+1 (1, {period + 1}, {2 * period + 1}, ...), "
-                f"not {frames}.",
-                f"Use --frames {good} or {good + period}.",
-            )
-        check_multiple("height", request.height, spatial, "this CogVideoX model")
-        check_multiple("width", request.width, spatial, "this CogVideoX model")
-        if not request.fps or request.fps < 1:
-            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 8.")
+        check_video_size(request, "CogVideoX", 2 * temporal, spatial, fps=8)  # CogVideoX 1.0: 8k+1 frames
 
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         return {

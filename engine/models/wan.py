@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine.catalog import ModelEntry, component_config, read_model_json
-from engine.errors import UserError
-from engine.models.base import FamilyAdapter, check_multiple, to_uint8_frames
+from engine.models.base import FamilyAdapter, check_video_size, to_uint8_frames
 from engine.protocol import GenerationRequest
 
 
@@ -46,18 +45,7 @@ class WanAdapter(FamilyAdapter):
 
     def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
         spatial, temporal = self.factors(entry)
-        frames = request.frames
-        if frames is None or frames < 1 or (frames - 1) % temporal:
-            good = max(1, ((frames or 1) - 1) // temporal * temporal + 1)
-            raise UserError(
-                f"Wan needs a frame count of {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), "
-                f"not {frames}.",
-                f"Use --frames {good} or {good + temporal}.",
-            )
-        check_multiple("height", request.height, spatial, "this Wan model")
-        check_multiple("width", request.width, spatial, "this Wan model")
-        if not request.fps or request.fps < 1:
-            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 16.")
+        check_video_size(request, "Wan", temporal, spatial, fps=16)
 
     def switches_denoiser(self, entry: ModelEntry) -> bool:
         index = pipeline_config(entry)
