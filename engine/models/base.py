@@ -124,6 +124,11 @@ class FamilyAdapter:
             sample = torch.cat([sample, extra], dim=dim)
         return sample
 
+    def preview_part(self, x0: Any) -> Any:
+        """A small part of x0 that decodes alone, to fit the preview map on (video: the first latent
+        frame along dim 1, as in [B, F, C, H, W] latents)."""
+        return x0[:, :1]
+
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         """x0 as a stack of latent images [N, C, h, w] and the output frame index of each."""
         raise NotImplementedError
