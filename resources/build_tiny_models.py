@@ -654,7 +654,13 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "tiny-wan-a14b": lambda: build_wan(experts=2),
     "tiny-ltx": build_ltx,
 }
-SHIPPED = ("tiny-cogvideox", "tiny-svd", "tiny-audioldm2", "tiny-wan", "tiny-ltx")  # the others: built by the tests
+SHIPPED = (
+    "tiny-cogvideox",
+    "tiny-svd",
+    "tiny-audioldm2",
+    "tiny-wan",
+    "tiny-ltx",
+)  # the others: built by the tests
 
 
 def save_model(pipe: DiffusionPipeline, studio: dict[str, Any], target: Path) -> None:

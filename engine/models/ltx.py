@@ -98,7 +98,13 @@ class LTXAdapter(FamilyAdapter):
         frames = (request.frames - 1) // pipe.vae_temporal_compression_ratio + 1
         height = request.height // pipe.vae_spatial_compression_ratio
         width = request.width // pipe.vae_spatial_compression_ratio
-        return frames, height, width, pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
+        return (
+            frames,
+            height,
+            width,
+            pipe.transformer_spatial_patch_size,
+            pipe.transformer_temporal_patch_size,
+        )
 
     @staticmethod
     def decode_settings(pipe: Any) -> tuple[float, float]:
