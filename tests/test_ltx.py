@@ -44,6 +44,7 @@ RUNS = {
     "sequential": ("sequential", "cpu:1", {}),
     "parastep-1": ("parastep", "cpu:1", {"warmup": WARMUP}),
     "batchstep-2": ("batchstep", "cpu:1", {"warmup": WARMUP, "lookahead": 2}),
+    "previews": ("sequential", "cpu:1", {}),  # with previews on: the events are kept
     "cache-fbc": ("cache-fbc", "cpu:1", {}),
     "cache-pab": ("cache-pab", "cpu:1", {}),
     "cache-taylorseer": ("cache-taylorseer", "cpu:1", {}),
@@ -74,6 +75,11 @@ def runs(shared_engine):
         if not cache:
             for run_name, (strategy, devices, options) in RUNS.items():
                 plan = shared_engine.plan(request(strategy, devices, options))
+                if run_name == "previews":
+                    events: list = []
+                    shared_engine.run(plan, events.append).discard_pending()
+                    cache[run_name] = events
+                    continue
                 cache[run_name] = shared_engine.run(plan, previews=False)
         return cache[name]
 
@@ -156,6 +162,31 @@ def test_decode_is_the_pipelines_decode(pipe, timestep_conditioning):
     assert kwargs["decode_timestep"] == (0.05 if timestep_conditioning else 0.0)
     assert ours.shape == (9, 64, 96, 3)
     assert np.array_equal(ours, to_uint8_frames(stock))
+
+
+def test_x0_estimate_is_the_flow_matching_x0(pipe):
+    """x_t - sigma v: at the last step (sigma' = 0) it is the step's own result."""
+    import copy
+
+    adapter = adapter_for(read_entry(FOLDER, source="embedded"))
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(sigmas=[1.0, 0.5], mu=1.0)
+    sample, v = torch.randn(1, 12, 8), torch.randn(1, 12, 8)
+    for t in scheduler.timesteps:
+        args = (v, t, sample)
+        sample = scheduler.step(*args, return_dict=False)[0]
+        x0 = adapter.x0_estimate(scheduler, v, args, {})
+    assert torch.allclose(x0, sample, atol=1e-6)
+
+
+def test_previews_come_from_the_x0_estimate(runs):
+    """Flow-matching Euler reports no x0; the adapter's estimate gives previews, one image per latent
+    frame (the packed tokens unpacked), with the shipped preview map."""
+    from engine.protocol import PreviewEvent
+
+    previews = [e for e in runs("previews") if isinstance(e, PreviewEvent)]
+    assert previews and previews[-1].step == STEPS - 1
+    assert previews[-1].frame_indices == [0, 8] and len(previews[-1].images) == 2
 
 
 # ---- the reference itself -----------------------------------------------------------------------------

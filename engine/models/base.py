@@ -124,6 +124,11 @@ class FamilyAdapter:
             sample = torch.cat([sample, extra], dim=dim)
         return sample
 
+    def x0_estimate(self, scheduler: Any, noise: Any, step_args: tuple, step_kwargs: dict) -> Any:
+        """The denoised estimate after a `scheduler.step(noise, ...)` whose output carries no
+        `pred_original_sample`, for previews; None: no previews."""
+        return None
+
     def preview_part(self, x0: Any) -> Any:
         """A small part of x0 that decodes alone, to fit the preview map on (video: the first latent
         frame along dim 1, as in [B, F, C, H, W] latents)."""

@@ -169,6 +169,15 @@ class LTXAdapter(FamilyAdapter):
         frames = pipe.video_processor.postprocess_video(video, output_type="pt")[0]
         return to_uint8_frames(frames)
 
+    def x0_estimate(self, scheduler: Any, noise: Any, step_args: tuple, step_kwargs: dict) -> Any:
+        # Flow matching: x_t = (1 - sigma) x0 + sigma * noise and the model predicts v = noise - x0,
+        # so x0 = x_t - sigma * v at the sigma the step just left (step_index has moved past it).
+        sample = step_args[2] if len(step_args) > 2 else step_kwargs.get("sample")
+        if sample is None or scheduler.step_index is None:
+            return None
+        sigma = scheduler.sigmas[scheduler.step_index - 1]
+        return sample.float() - sigma * noise.float()
+
     def preview_part(self, x0: Any) -> Any:
         """The first latent frame's tokens: the smallest part of the packed x0 that decodes alone."""
         _, height, width, patch, _ = self._require_grid()

@@ -284,6 +284,10 @@ class Strategy:
         self.latent = output.prev_sample
         self.after_step(output.prev_sample)
         x0 = getattr(output, "pred_original_sample", None)
+        estimate = getattr(self.ctx.adapter, "x0_estimate", None)
+        if x0 is None and self.ctx.rank == 0 and estimate is not None and self._installed is not None:
+            # Schedulers that report no x0 (flow-matching Euler): the family may know how to get it.
+            x0 = estimate(self._installed[1], self.noise, args, kwargs)
         self.ctx.on_step(StepReport(self.step, self._action, self._step_compute, self._step_wait, x0))
         self.step += 1
         self._step_compute = self._step_wait = 0.0
