@@ -122,6 +122,19 @@ def test_the_adapter_declares_the_loop_shape_and_checks_sizes():
             adapter.resolve(GenerationRequest(model=MODEL, **{field: value}), entry)
 
 
+def test_the_published_layout_resolves_to_the_pipelines_defaults():
+    """Lightricks/LTX-Video's transcribed configs: 32x spatial, 8x temporal; 161 frames at 512 x 704."""
+    from tests.conftest import REPO
+
+    entry = read_entry(REPO / "resources" / "configs" / "Lightricks--LTX-Video")
+    adapter = adapter_for(entry)
+    assert entry.family == "ltx" and adapter.factors(entry) == (32, 8)
+    resolved = adapter.resolve(GenerationRequest(model="x"), entry)
+    assert (resolved.steps, resolved.guidance_scale) == (50, 3.0)
+    assert (resolved.frames, resolved.height, resolved.width, resolved.fps) == (161, 512, 704, 25)
+    assert adapter.default_warmup(50) == 12
+
+
 def test_unpack_inverts_the_pipelines_packing():
     """Patch sizes other than the published 1 x 1 x 1 too: previews and decode unpack any of them."""
     from diffusers import LTXPipeline
