@@ -21,6 +21,7 @@ FAMILIES = {
     "AudioLDM2Pipeline": "audioldm2",
     "WanPipeline": "wan",
     "StableAudioPipeline": "stable-audio",
+    "LTXPipeline": "ltx",
 }
 STUDIO_FILE = "studio.json"  # optional: family claim and defaults of an embedded model
 DEFAULT_MODEL = "shapes"  # the trained embedded model: listed first, so the window starts on it

@@ -100,7 +100,7 @@ class PreviewRenderer:
     @torch.no_grad()
     def fit(self, x0: torch.Tensor) -> dict[str, Any]:
         """Decodes a small part of x0 and fits the latent -> output map against it."""
-        part = x0[:1] if self.adapter.modality == "audio" else x0[:, :1]
+        part = self.adapter.preview_part(x0)
         latent_images, _ = self.adapter.preview_images(part)
         target = self.adapter.preview_target(self.pipe, part, self.request)  # [1, K, H, W]
         latent_images = latent_images[:1].float().cpu()

@@ -10,7 +10,8 @@ Run with ``python -m resources.build_tiny_models [NAME ...] [--out DIR]``. It wr
 * ``tiny-stable-audio``: a ``StableAudioPipeline`` (text to 44.1 kHz stereo audio) laid out like
   stabilityai/stable-audio-open-1.0;
 * ``tiny-wan-a14b``: the same with two experts (``transformer``, ``transformer_2`` and a
-  ``boundary_ratio``), laid out like Wan-AI/Wan2.2-T2V-A14B-Diffusers (built by the tests, not shipped).
+  ``boundary_ratio``), laid out like Wan-AI/Wan2.2-T2V-A14B-Diffusers (built by the tests, not shipped);
+* ``tiny-ltx``: an ``LTXPipeline`` (text to video) laid out like Lightricks/LTX-Video (0.9.0).
 
 Why: the application, its tests and its benchmarks need pipelines that load exactly like a published
 checkpoint, ``DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)``, and
@@ -42,6 +43,7 @@ from diffusers import (
     AudioLDM2UNet2DConditionModel,
     AutoencoderKL,
     AutoencoderKLCogVideoX,
+    AutoencoderKLLTXVideo,
     AutoencoderKLTemporalDecoder,
     AutoencoderKLWan,
     AutoencoderOobleck,
@@ -52,6 +54,9 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
     StableAudioDiTModel,
     StableAudioPipeline,
     StableAudioProjectionModel,
@@ -642,6 +647,88 @@ def build_stable_audio() -> Built:
     }
 
 
+# --- LTX-Video 0.9.x (text to video), laid out like Lightricks/LTX-Video -----------------------------------
+
+# 9 frames at 64 x 96: 2 x 2 x 3 latent tokens. fps is the pipeline's frame_rate (it scales the rotary
+# positions in time), 25 as the pipeline's default.
+LTX_DEFAULTS = {"steps": 20, "frames": 9, "height": 64, "width": 96, "fps": 25, "guidance_scale": 3.0}
+
+
+def build_ltx_vae(latent_channels: int = 8, timestep_conditioning: bool = False) -> AutoencoderKLLTXVideo:
+    """LTX-Video's VAE: 4x4 patchify and three spatio-temporal 2x stages, 32x spatial and 8x temporal
+    compression as published; `timestep_conditioning` True is 0.9.1's decoder (decode_timestep)."""
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False),
+        decoder_inject_noise=(False,) * 5,
+        timestep_conditioning=timestep_conditioning,
+        patch_size=4,
+        patch_size_t=1,
+        scaling_factor=1.0,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    # The published weights carry per-channel latent statistics; non-trivial ones make the decode's
+    # denormalisation matter.
+    torch.manual_seed(SEED + 2)
+    vae.latents_mean.copy_(0.1 * torch.randn(latent_channels))
+    vae.latents_std.copy_(1.0 + 0.2 * torch.rand(latent_channels))
+    return vae
+
+
+def build_ltx(timestep_conditioning: bool = False) -> Built:
+    """T5 text encoder (prompts padded to 128 tokens), LTX DiT over packed latent tokens [B, F*H*W, C]
+    (patch 1 x 1 x 1), LTX VAE, flow-matching Euler scheduler with the published dynamic shift."""
+    text_dim, heads, head_dim, latent_channels = 32, 2, 12, 8
+    tokenizer = build_t5_tokenizer(model_max_length=128)
+    text_encoder = build_t5_encoder(len(tokenizer), text_dim)
+    torch.manual_seed(SEED)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        cross_attention_dim=heads * head_dim,  # the published 2048 is the inner width too
+        num_layers=2,
+        activation_fn="gelu-approximate",
+        qk_norm="rms_norm_across_heads",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=text_dim,
+        attention_bias=True,
+        attention_out_bias=True,
+    )
+    vae = build_ltx_vae(latent_channels, timestep_conditioning)
+    # Lightricks/LTX-Video's scheduler_config.json, values as published.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+        invert_sigmas=False,
+    )
+    pipe = LTXPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    layout = "0.9.1 layout, timestep-conditioned decoder" if timestep_conditioning else "0.9.0 layout"
+    description = f"Tiny random-weight LTX-Video ({layout}) for tests and CPU benchmarks; outputs noise."
+    return pipe, {"family": "ltx", "description": description, "defaults": dict(LTX_DEFAULTS)}
+
+
 # --- Saving -------------------------------------------------------------------------------------------------
 
 BUILDERS: dict[str, Callable[[], Built]] = {
@@ -651,6 +738,7 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "tiny-wan": build_wan,
     "tiny-wan-a14b": lambda: build_wan(experts=2),
     "tiny-stable-audio": build_stable_audio,
+    "tiny-ltx": build_ltx,
 }
 SHIPPED = (
     "tiny-cogvideox",
@@ -658,6 +746,7 @@ SHIPPED = (
     "tiny-audioldm2",
     "tiny-wan",
     "tiny-stable-audio",
+    "tiny-ltx",
 )  # the others: built by the tests
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("cogvideox", "svd", "audioldm2")  # test_strategies' families; stable-audio: test_stable_audio
+FAMILIES = ("cogvideox", "svd", "audioldm2", "ltx")  # stable-audio: tests/test_stable_audio.py
 
 
 @contextlib.contextmanager
@@ -70,6 +70,19 @@ def stock_kwargs(family: str, params: dict[str, Any]) -> dict[str, Any]:
             "num_inference_steps": params["steps"],
             "guidance_scale": params["guidance_scale"],
             "use_dynamic_cfg": False,
+            "generator": generator,
+            "output_type": "latent",
+        }
+    if family == "ltx":
+        return {
+            "prompt": params["prompt"],
+            "negative_prompt": params.get("negative_prompt") or None,
+            "num_frames": params["frames"],
+            "height": params["height"],
+            "width": params["width"],
+            "frame_rate": params["fps"],
+            "num_inference_steps": params["steps"],
+            "guidance_scale": params["guidance_scale"],
             "generator": generator,
             "output_type": "latent",
         }
@@ -141,7 +154,7 @@ class Recording:
 
 def record(family: str, pipe: Any, params: dict[str, Any]) -> Recording:
     """Runs the stock pipeline once and records its loop's inputs and its final latent."""
-    denoiser = pipe.transformer if family in ("cogvideox", "stable-audio") else pipe.unet
+    denoiser = pipe.transformer if family in ("cogvideox", "stable-audio", "ltx") else pipe.unet
     scheduler = pipe.scheduler
     seen: dict[str, Any] = {}
 
@@ -171,9 +184,9 @@ def record(family: str, pipe: Any, params: dict[str, Any]) -> Recording:
     finally:
         handle.remove()
         del scheduler.step
-    latents = output.frames if family in ("cogvideox", "svd") else output.audios
+    latents = output.frames if family in ("cogvideox", "svd", "ltx") else output.audios
     x0 = seen["x0"]
-    first_input = seen["kwargs"]["hidden_states"] if family == "cogvideox" else seen["args"][0]
+    first_input = seen["kwargs"]["hidden_states"] if family in ("cogvideox", "ltx") else seen["args"][0]
     cfg = first_input.shape[0] == 2 * x0.shape[0]
     if family == "svd":
         guidance = pipe._guidance_scale  # per-frame scales the call built, [B, F, 1, 1, 1]
@@ -201,8 +214,14 @@ def denoise(rec: Recording, scheduler: Any, latent: torch.Tensor, index: int) ->
     """The raw denoiser output (both CFG halves) at step `index` for `latent`, as the loop computes it."""
     t = scheduler.timesteps[index]
     model_input = torch.cat([latent, latent]) if rec.cfg else latent
-    model_input = scheduler.scale_model_input(model_input, t)
     rec.calls += 1
+    if rec.family == "ltx":  # packed tokens [B, seq, C]; flow-matching Euler scales nothing
+        kwargs = dict(rec.call_kwargs)
+        kwargs["hidden_states"] = model_input.to(kwargs["encoder_hidden_states"].dtype)
+        kwargs["timestep"] = t.expand(model_input.shape[0])
+        kwargs["return_dict"] = False
+        return rec.denoiser(*rec.call_args, **kwargs)[0]
+    model_input = scheduler.scale_model_input(model_input, t)
     if rec.family == "cogvideox":
         kwargs = dict(rec.call_kwargs)
         kwargs["hidden_states"] = model_input
@@ -240,7 +259,7 @@ def copy_scheduler(rec: Recording, scheduler: Any) -> Any:
 
 def guide(rec: Recording, raw: torch.Tensor) -> torch.Tensor:
     """The noise prediction the family's loop hands to scheduler.step."""
-    if rec.family == "cogvideox":
+    if rec.family in ("cogvideox", "ltx"):
         raw = raw.float()
     if not rec.cfg:
         return raw

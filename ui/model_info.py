@@ -18,6 +18,7 @@ FAMILIES: dict[str, tuple[str, str, int, int]] = {
     "cogvideox": ("video", "text", 50, 13),
     "svd": ("video", "image", 50, 5),
     "audioldm2": ("audio", "text", 200, 5),
+    "ltx": ("video", "text", 50, 12),
     "generic": ("video", "text", 50, 5),
 }
 VIDEO_FIELDS = ("frames", "height", "width", "fps")

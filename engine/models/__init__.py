@@ -5,6 +5,7 @@ from engine.models.audioldm2 import AudioLDM2Adapter
 from engine.models.base import FamilyAdapter
 from engine.models.cogvideox import CogVideoXAdapter
 from engine.models.generic import GenericAdapter
+from engine.models.ltx import LTXAdapter
 from engine.models.stable_audio import StableAudioAdapter
 from engine.models.svd import SVDAdapter
 from engine.models.wan import WanAdapter
@@ -15,6 +16,7 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "audioldm2": AudioLDM2Adapter,
     "wan": WanAdapter,
     "stable-audio": StableAudioAdapter,
+    "ltx": LTXAdapter,
 }
 
 

@@ -146,9 +146,10 @@ class FamilyAdapter:
 
         return copy.deepcopy(scheduler)
 
-    def x0_after_step(self, scheduler: Any) -> Any:
-        """x0 for previews when scheduler.step's output carries no `pred_original_sample` (None: none)."""
-        return None
+    def preview_part(self, x0: Any) -> Any:
+        """A small part of x0 that decodes alone, to fit the preview map on: video, the first latent
+        frame along dim 1 (as in [B, F, C, H, W] latents); audio, the first sample."""
+        return x0[:1] if self.modality == "audio" else x0[:, :1]
 
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         """x0 as a stack of latent images [N, C, h, w] and the output frame index of each."""

@@ -116,12 +116,6 @@ class StableAudioAdapter(FamilyAdapter):
         finally:
             scheduler.noise_sampler = tree
 
-    def x0_after_step(self, scheduler: Any) -> Any:
-        """The scheduler's output carries no x0; the data prediction it just applied is its
-        newest model output (DPM-Solver++ converts the v-prediction to x0 first)."""
-        outputs = getattr(scheduler, "model_outputs", None)
-        return outputs[-1] if outputs else None
-
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         # [B, C, L] -> one image [1, C, 1, L]: a strip, time left to right.
         return x0[:1].unsqueeze(2), [0]

@@ -285,11 +285,8 @@ class Strategy:
         self.latent = output.prev_sample
         self.after_step(output.prev_sample)
         x0 = getattr(output, "pred_original_sample", None)
-        x0_of = getattr(self.ctx.adapter, "x0_after_step", None)
-        if x0 is None and x0_of is not None:  # e.g. a multistep solver's data prediction
-            x0 = x0_of(self.ctx.pipe.scheduler)
-        if x0 is None:
-            x0 = flow_x0(self._installed[1], args, kwargs, self.noise)
+        if x0 is None and self._installed is not None:
+            x0 = estimated_x0(self._installed[1], args, kwargs, self.noise)
         self.ctx.on_step(StepReport(self.step, self._action, self._step_compute, self._step_wait, x0))
         self.step += 1
         self._step_compute = self._step_wait = 0.0
@@ -376,17 +373,28 @@ class Strategy:
         return bool(flag.item() & 2)
 
 
-def flow_x0(scheduler: Any, args: tuple, kwargs: dict, noise: Any) -> torch.Tensor | None:
-    """The clean-sample estimate of a flow-matching step (Wan's UniPC on flow sigmas, LTX's and
-    HunyuanVideo's FlowMatchEuler), whose step output carries none: x_t = (1 - s) x0 + s eps and the
-    model predicts v = eps - x0, so x0 = x_t - s v, with s the sigma of the step just taken."""
-    flow = (
-        getattr(scheduler.config, "prediction_type", None) == "flow_prediction"
-        or "FlowMatch" in type(scheduler).__name__
-    )
+def estimated_x0(scheduler: Any, args: tuple, kwargs: dict, noise: Any) -> torch.Tensor | None:
+    """The clean-sample estimate of the step just taken, for previews, where the step's output
+    carries no `pred_original_sample`:
+
+    - multistep solvers that work in data prediction (DPM-Solver++, its cosine variant, UniPC's
+      `predict_x0`) keep it as their newest model output;
+    - flow matching (FlowMatchEuler): x_t = (1 - s) x0 + s eps and the model predicts v = eps - x0,
+      so x0 = x_t - s v, with s the sigma of the step just taken.
+    """
+    algorithm = getattr(scheduler.config, "algorithm_type", "")
+    outputs = getattr(scheduler, "model_outputs", None)
+    if outputs and outputs[-1] is not None and (getattr(scheduler, "predict_x0", False) or "++" in algorithm):
+        return outputs[-1]
     index = getattr(scheduler, "step_index", None)
     sample = args[2] if len(args) > 2 else kwargs.get("sample")
-    if not flow or index is None or not isinstance(sample, torch.Tensor) or noise is None:
+    flow = getattr(scheduler.config, "prediction_type", None) == "flow_prediction"
+    if (
+        not (flow or "FlowMatch" in type(scheduler).__name__)
+        or index is None
+        or sample is None
+        or noise is None
+    ):
         return None
     sigma = scheduler.sigmas[index - 1].to(sample.device, torch.float32)
     return (sample.float() - sigma * noise.float()).to(sample.dtype)
