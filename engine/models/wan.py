@@ -81,6 +81,9 @@ class WanAdapter(FamilyAdapter):
         frames = pipe.video_processor.postprocess_video(video, output_type="pt")[0]
         return to_uint8_frames(frames)
 
+    def preview_part(self, x0: Any) -> Any:
+        return x0[:, :, :1]  # the first latent frame of [B, C, F, H, W]
+
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         latent_frames = x0.shape[2]
         # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
