@@ -1,4 +1,5 @@
-"""The headless command line: generate, compare, models, devices. Drives the same engine as the window."""
+"""The headless command line: generate, compare, decode, models, pull, devices. Drives the same engine as
+the window."""
 
 from __future__ import annotations
 
@@ -70,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models found")
     models.add_argument("--json", action="store_true")
     models.add_argument("--folder", action="append", default=[], help="also look in this model folder")
+    models.add_argument(
+        "--available", action="store_true", help="list the checkpoints `pull` knows, with what is installed"
+    )
+    models.add_argument("--delete", metavar="NAME", help="delete a pulled model (NAME or hub id)")
+    pull = commands.add_parser("pull", help="download, verify and install a checkpoint from the hub")
+    pull.add_argument(
+        "spec", metavar="NAME|HUB_ID[@REV]", help="a name from `models --available` or a hub id"
+    )
+    pull.add_argument("--token", help="hub token for gated models (default: $HF_TOKEN, then the saved login)")
+    pull.add_argument("--json", action="store_true", help="progress and the result as JSON lines on stdout")
     devices = commands.add_parser("devices", help="list GPUs and CPU")
     devices.add_argument("--json", action="store_true")
     return parser
@@ -168,6 +179,14 @@ def _run(args: argparse.Namespace) -> int:
                 )
                 print(f"{d['id']:8} {d['name']}{memory}")
         return 0
+    if args.command == "pull":
+        from app.pull_command import run_pull
+
+        return run_pull(args.spec, args.token, args.json)
+    if args.command == "models" and (args.available or args.delete):
+        from app.pull_command import run_models_available, run_models_delete
+
+        return run_models_delete(args.delete, args.json) if args.delete else run_models_available(args.json)
     if args.command == "models":
         from pathlib import Path
 
