@@ -49,6 +49,7 @@ def strategy_options() -> dict[str, tuple[str, list[str]]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.pull_command import add_pull_arguments
     from engine.strategies import STRATEGIES
 
     parser = argparse.ArgumentParser(
@@ -76,11 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument("--delete", metavar="NAME", help="delete a pulled model (NAME or hub id)")
     pull = commands.add_parser("pull", help="download, verify and install a checkpoint from the hub")
-    pull.add_argument(
-        "spec", metavar="NAME|HUB_ID[@REV]", help="a name from `models --available` or a hub id"
-    )
-    pull.add_argument("--token", help="hub token for gated models (default: $HF_TOKEN, then the saved login)")
-    pull.add_argument("--json", action="store_true", help="progress and the result as JSON lines on stdout")
+    add_pull_arguments(pull)
     devices = commands.add_parser("devices", help="list GPUs and CPU")
     devices.add_argument("--json", action="store_true")
     return parser
@@ -146,6 +143,11 @@ def print_json(data: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pull"]:  # needs no torch: skip the parser, which imports the strategies
+        from app import pull_command
+
+        return pull_command.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -179,10 +181,6 @@ def _run(args: argparse.Namespace) -> int:
                 )
                 print(f"{d['id']:8} {d['name']}{memory}")
         return 0
-    if args.command == "pull":
-        from app.pull_command import run_pull
-
-        return run_pull(args.spec, args.token, args.json)
     if args.command == "models" and (args.available or args.delete):
         from app.pull_command import run_models_available, run_models_delete
 

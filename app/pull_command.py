@@ -7,6 +7,7 @@ partial file is kept, so the next pull resumes); a second one stops at once.
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
@@ -14,6 +15,7 @@ import threading
 from typing import Any
 
 from engine.checkpoints import available, delete_installed, format_size
+from engine.errors import JobCancelled, UserError
 
 
 def _duration(seconds: float | None) -> str:
@@ -32,6 +34,35 @@ def progress_line(event: Any) -> str:
         f"{format_size(event.done_bytes)} / {format_size(event.total_bytes)}  {percent:3.0f}%  "
         f"{format_size(event.speed_bps)}/s  ETA {_duration(event.eta_s)}  {event.file}"
     )
+
+
+def add_pull_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "spec", metavar="NAME|HUB_ID[@REV]", help="a name from `models --available` or a hub id"
+    )
+    parser.add_argument(
+        "--token", help="hub token for gated models (default: $HF_TOKEN, then the saved login)"
+    )
+    parser.add_argument("--json", action="store_true", help="progress and the result as JSON lines on stdout")
+
+
+def main(argv: list[str]) -> int:
+    """`pull` without the rest of the command line, whose parser imports torch (seconds) for the
+    strategies' options: the window starts this one."""
+    parser = argparse.ArgumentParser(prog="parastep-studio pull")
+    add_pull_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_pull(args.spec, args.token, args.json)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except JobCancelled:
+        print("cancelled (the part downloaded is kept; pull again to resume)", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted (pull again to resume)", file=sys.stderr)
+        return 130
 
 
 def run_pull(spec: str, token: str | None, as_json: bool) -> int:
@@ -91,3 +122,7 @@ def run_models_delete(name: str, as_json: bool) -> int:
     folder = delete_installed(name)
     print(json.dumps({"deleted": str(folder)}) if as_json else f"deleted {folder}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -40,7 +40,12 @@ AUTO = "auto"
 SEED_MODES = ("fixed", "random", "increment")
 MAX_SEED = 2**63 - 1
 RANDOM_SEED_LIMIT = 2**31 - 1  # random seeds stay short enough to read and type
-SOURCE_TITLES = {"embedded": "Embedded", "local": "Local folders", "hf-cache": "Hugging Face cache"}
+SOURCE_TITLES = {
+    "embedded": "Embedded",
+    "local": "Local folders",
+    "downloaded": "Downloaded",
+    "hf-cache": "Hugging Face cache",
+}
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.webp *.bmp)"
 THUMBNAIL_SIZE = (120, 80)
 
@@ -75,6 +80,7 @@ def _set(box: QSpinBox | QDoubleSpinBox, value: Any) -> None:
 class RequestPanel(QWidget):
     generate_requested = Signal(object)  # the GenerationRequest to submit
     model_folder_added = Signal(str)
+    get_models_requested = Signal()  # open the Models dialog (download checkpoints)
     changed = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -88,6 +94,9 @@ class RequestPanel(QWidget):
         self.model_box.currentIndexChanged.connect(self._on_model_changed)
         self.add_folder_button = QToolButton(text="Add model folder...")
         self.add_folder_button.clicked.connect(self.pick_model_folder)
+        self.get_models_button = QToolButton(text="Get models...")
+        self.get_models_button.setToolTip("Download checkpoints (CogVideoX, SVD, Wan, ...) from the hub")
+        self.get_models_button.clicked.connect(self.get_models_requested)
         self.model_note = QLabel(wordWrap=True)
         self.model_note.setStyleSheet("color: palette(mid);")
 
@@ -165,6 +174,7 @@ class RequestPanel(QWidget):
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_box, 1)
         model_row.addWidget(self.add_folder_button)
+        model_row.addWidget(self.get_models_button)
         seed_row = QHBoxLayout()
         seed_row.addWidget(self.seed, 1)
         seed_row.addWidget(self.seed_mode)
