@@ -26,7 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoints import MANIFEST, STAGING, find_checkpoint, folder_for, format_size, models_dir
+from engine.checkpoints import (
+    MANIFEST,
+    STAGING,
+    find_checkpoint,
+    find_installed,
+    folder_for,
+    format_size,
+    models_dir,
+)
 from engine.errors import JobCancelled, UserError
 
 # Suffixes a pipeline folder needs; everything else (.bin .pt .ckpt .pkl .msgpack .onnx .py ...) is left.
@@ -319,6 +327,14 @@ def pull(
                 f"{hub_id}@{revision} has no model_index.json: it is not a diffusers pipeline.",
                 "Give the diffusers version of the model (often a repository ending in -Diffusers).",
             )
+        installed = find_installed(hub_id)
+        if installed is not None and (installed[1].get("commit"), installed[1].get("variant")) == (
+            commit,
+            variant,
+        ):
+            if progress is not None:  # already there, verified when it was pulled
+                progress(PullProgress(hub_id, "done", "", 0, 0, 0.0, None))
+            return installed[0]
         staging = root / STAGING / f"{hub_id.replace('/', '--')}@{commit}"
         staging.mkdir(parents=True, exist_ok=True)
         fetch = _Fetcher(hub_id, commit, endpoint, token, staging, convert)
@@ -462,4 +478,7 @@ def _install(
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    # parts left by pulls of older commits of this repository will never be resumed
+    for stale in staging.parent.glob(f"{hub_id.replace('/', '--')}@*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return target

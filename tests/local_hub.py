@@ -5,7 +5,7 @@ It speaks the part of the hub API huggingface_hub uses to pull files: `GET /api/
 `/REPO/resolve/REV/PATH` with `ETag`, `X-Repo-Commit`, `X-Linked-Etag`, `X-Linked-Size`,
 `Accept-Ranges` and `Range` answers (206 + `Content-Range`). `*.safetensors` files are served as LFS
 files. Faults are switched on per test: a connection dropped part-way through a file, bytes that differ
-from the listed checksum, 401/403 for a gated repo, a slow transfer (to cancel in the middle).
+from the listed checksum, 401/403 for the files of a gated repo, a slow transfer (to cancel in the middle).
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ def git_blob_id(data: bytes) -> str:
 class Repo:
     folder: Path
     commit: str = ""
-    gated_status: int | None = None  # 401/403 on every request, as the hub answers a gated repo
+    # As the hub does for a gated repo: the listing is public, files need a token with access
+    # (`token`); without it they get `gated_status` (401 without a token, 403 with another one).
+    gated_status: int | None = None
+    token: str | None = None
 
     def files(self) -> dict[str, Path]:
         return {str(p.relative_to(self.folder)): p for p in sorted(self.folder.rglob("*")) if p.is_file()}
@@ -100,12 +103,13 @@ class LocalHub:
                     return self._resolve(repo_id, filename, head)
                 self._error(404, "EntryNotFound")
 
-            def _repo(self, repo_id: str) -> Repo | None:
+            def _repo(self, repo_id: str, files: bool = False) -> Repo | None:
                 repo = hub.repos.get(repo_id)
                 if repo is None:
                     self._error(404, "RepoNotFound")
                     return None
-                if repo.gated_status:
+                allowed = repo.token and self.headers.get("Authorization") == f"Bearer {repo.token}"
+                if files and repo.gated_status and not allowed:
                     self._error(repo.gated_status, "GatedRepo", "Access to model is restricted.")
                     return None
                 return repo
@@ -132,7 +136,7 @@ class LocalHub:
                 self._send(200, body.encode(), {"Content-Type": "application/json"})
 
             def _resolve(self, repo_id: str, filename: str, head: bool) -> None:
-                repo = self._repo(repo_id)
+                repo = self._repo(repo_id, files=True)
                 if repo is None:
                     return
                 file = repo.files().get(filename)

@@ -82,8 +82,13 @@ def test_pull_takes_only_pipeline_files_then_generates(hub, served):
     assert all(e.done_bytes <= e.total_bytes for e in downloads)
     assert events[-1].stage == "done"
     assert offered() == [HUB_ID]
+    gets = len([entry for entry in hub.log if entry[0] == "GET"])
+    assert pull(HUB_ID) == folder  # the same commit again: nothing downloaded
+    assert len([entry for entry in hub.log if entry[0] == "GET"]) == gets + 1  # the listing only
 
-    request = GenerationRequest(model=HUB_ID, prompt="a red circle", frames=9, height=32, width=48, steps=2)
+    request = GenerationRequest(
+        model=HUB_ID, prompt="a red circle", frames=9, height=32, width=48, steps=2, devices="cpu:1"
+    )
     with Engine() as engine:
         result = engine.run(engine.plan(request), previews=False)
     assert result.output.shape[0] == 9
@@ -109,14 +114,17 @@ def test_wrong_checksum_is_refused_and_nothing_offered(hub):
 
 
 @pytest.mark.parametrize("status", [401, 403])
-def test_gated_repo_names_the_page_to_accept(hub, status):
-    hub.repos[HUB_ID].gated_status = status
+def test_gated_repo_names_the_page_to_accept_and_a_token_opens_it(hub, status, monkeypatch):
+    hub.repos[HUB_ID].gated_status, hub.repos[HUB_ID].token = status, "hf_granted"
+    if status == 403:
+        monkeypatch.setenv("HF_TOKEN", "hf_without_access")
     with pytest.raises(UserError) as caught:
         pull(HUB_ID)
     message = str(caught.value)
     assert f"HTTP {status}" in message and f"{hub.url}/{HUB_ID}" in message and "HF_TOKEN" in message
     assert "\n" not in message
     assert_nothing_installed()
+    assert pull(HUB_ID, token="hf_granted") == folder_for(HUB_ID)
 
 
 def test_full_disk_is_checked_before_the_weights(hub, monkeypatch):
