@@ -30,6 +30,13 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     for name, (help_text, owners) in strategy_options().items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, dest=name, help=f"{help_text} ({', '.join(owners)})")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="a LoRA adapter (.safetensors) applied for this job, weight 1 unless given; repeatable",
+    )
     parser.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1,...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--output", help="clip file (.mp4 .gif .wav .flac) or folder")
@@ -84,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request_from_args(args: argparse.Namespace, strategy: str = "sequential") -> GenerationRequest:
+    from engine.loras import parse_lora_arg
+
     options = {
         name: getattr(args, name) for name in strategy_options() if getattr(args, name, None) is not None
     }
@@ -104,6 +113,7 @@ def request_from_args(args: argparse.Namespace, strategy: str = "sequential") ->
         strategy_options=options,
         devices=args.devices,
         output=args.output,
+        loras=[parse_lora_arg(text) for text in args.lora],
     )
 
 

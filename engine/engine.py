@@ -17,6 +17,7 @@ from engine.catalog import ModelCatalog, ModelEntry
 from engine.devices import format_devices, parse_devices
 from engine.errors import JobCancelled, UserError, WorkerFailure
 from engine.loading import check_weights
+from engine.loras import check_loras
 from engine.models import FamilyAdapter, adapter_for
 from engine.pending_decode import decode_command
 from engine.protocol import GenerationRequest, StageEvent
@@ -87,6 +88,7 @@ class Engine:
                 f"Strategy '{strategy.name}' cannot run '{entry.name}': {reason}",
                 "Pick another strategy (sequential always works).",
             )
+        check_loras(request.loras, entry.pipeline_class, strategy.name)
         resolved = adapter.resolve(request, entry)
         _check_scheduler(strategy, entry)
         options = self._resolve_options(strategy, resolved, adapter, len(devices))

@@ -87,6 +87,7 @@ class RequestPanel(QWidget):
         super().__init__(parent)
         self._models: dict[str, ModelInfo] = {}
         self._output: str | None = None  # a folder named by a restored request (never a file)
+        self._loras: list[dict[str, Any]] = []  # LoRA adapters of a restored request (no editor yet)
 
         # Model
         self.model_box = QComboBox()
@@ -291,6 +292,7 @@ class RequestPanel(QWidget):
             strategy_options=options,
             devices=devices,
             output=self._output,
+            loras=[dict(lora) for lora in self._loras],
             **values,
         )
 
@@ -306,6 +308,7 @@ class RequestPanel(QWidget):
         self.seed.setText(str(request.seed))
         output = request.output
         self._output = output if output and (output.endswith("/") or Path(output).is_dir()) else None
+        self._loras = [dict(lora) for lora in request.loras]
         self.strategy_picker.set_value(request.strategy, request.strategy_options, request.devices)
         self._update_context()
 
