@@ -16,7 +16,7 @@ from engine.checkpoints import MANIFEST, STAGING, folder_for, models_dir
 from engine.downloads import PullCancelled, RemoteFile, file_variant, pull, select_files
 from engine.errors import UserError
 from resources import EMBEDDED_MODELS_DIR
-from tests.local_hub import LocalHub
+from tests.local_hub import LocalHub, Repo
 
 HUB_ID = "parastep/tiny-cogvideox-test"
 BIG = "transformer/diffusion_pytorch_model.safetensors"  # 1.6 MB, the largest file
@@ -212,3 +212,17 @@ def test_file_selection_variants_shards_and_pickle():
     pickle_only = [f for f in files if not f.path.startswith("unet/") or f.path.endswith((".bin", ".json"))]
     with pytest.raises(UserError, match="only pickle weights.*nothing was downloaded"):
         select_files(pickle_only, index, None, "o/n")
+
+
+def test_unknown_repo_and_a_repo_that_is_not_a_pipeline(hub, tmp_path):
+    with pytest.raises(UserError, match="no repository parastep/unknown"):
+        pull("parastep/unknown")
+    with pytest.raises(UserError, match="neither a known checkpoint nor a hub id"):
+        pull("not-a-hub-id")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(b"{}")
+    hub.repos["parastep/plain"] = Repo(plain, commit="0" * 40)
+    with pytest.raises(UserError, match="no model_index.json: it is not a diffusers pipeline"):
+        pull("parastep/plain")
+    assert offered() == []
