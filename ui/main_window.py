@@ -166,7 +166,7 @@ class MainWindow(QMainWindow):
         add_folder = QAction("Add model folder...", self)
         add_folder.triggered.connect(self.request_panel.pick_model_folder)
         get_models = QAction("Get models...", self)
-        get_models.triggered.connect(self.open_models_dialog)
+        get_models.triggered.connect(lambda: self.open_models_dialog())
         choose_output = QAction("Choose output folder...", self)
         choose_output.triggered.connect(self._choose_output_folder)
         open_output = QAction("Open output folder", self)
@@ -338,7 +338,7 @@ class MainWindow(QMainWindow):
             except UserError as err:
                 self.statusBar().showMessage(str(err), 10000)
 
-    def open_models_dialog(self) -> None:
+    def open_models_dialog(self, name: str = "") -> None:
         """The Models dialog (download, delete); built on first use, kept so a download goes on
         while it is closed. The catalog is fetched again when it installs or deletes a model."""
         if self.models_dialog is None:
@@ -349,6 +349,8 @@ class MainWindow(QMainWindow):
                 lambda: self.client.fetch_catalog(self.settings.model_folders())
             )
         self.models_dialog.refresh()
+        if name:
+            self.models_dialog.select(name)
         self.models_dialog.show()
         self.models_dialog.raise_()
 

@@ -77,3 +77,10 @@ def test_the_window_opens_it_and_lists_downloaded_models(make_window, catalog, m
     box = window.request_panel.model_box
     assert "Downloaded" in [box.itemText(i) for i in range(box.count())]
     assert box.findData(HUB_ID) >= 0
+
+    # checkpoints not installed are listed; picking one offers the download, the model stays
+    before = window.request_panel.request().model
+    window.models_dialog.hide()
+    box.setCurrentIndex(box.findData("get:svd-xt"))
+    assert window.request_panel.request().model == before
+    assert window.models_dialog.isVisible() and window.models_dialog.selected()["name"] == "svd-xt"
