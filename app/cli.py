@@ -1,4 +1,5 @@
-"""The headless command line: generate, compare, models, devices. Drives the same engine as the window."""
+"""The headless command line: generate, compare, decode, models, pull, devices. Drives the same engine as
+the window."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     for name, (help_text, owners) in strategy_options().items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, dest=name, help=f"{help_text} ({', '.join(owners)})")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="a LoRA adapter (.safetensors) applied for this job, weight 1 unless given; repeatable",
+    )
     parser.add_argument("--devices", default="auto", help="auto, cpu:N or cuda:0,1,...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--output", help="clip file (.mp4 .gif .wav .flac) or folder")
@@ -48,6 +56,7 @@ def strategy_options() -> dict[str, tuple[str, list[str]]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.pull_command import add_pull_arguments
     from engine.strategies import STRATEGIES
 
     parser = argparse.ArgumentParser(
@@ -70,12 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models found")
     models.add_argument("--json", action="store_true")
     models.add_argument("--folder", action="append", default=[], help="also look in this model folder")
+    models.add_argument(
+        "--available", action="store_true", help="list the checkpoints `pull` knows, with what is installed"
+    )
+    models.add_argument("--delete", metavar="NAME", help="delete a pulled model (NAME or hub id)")
+    pull = commands.add_parser("pull", help="download, verify and install a checkpoint from the hub")
+    add_pull_arguments(pull)
     devices = commands.add_parser("devices", help="list GPUs and CPU")
     devices.add_argument("--json", action="store_true")
     return parser
 
 
 def request_from_args(args: argparse.Namespace, strategy: str = "sequential") -> GenerationRequest:
+    from engine.loras import parse_lora_arg
+
     options = {
         name: getattr(args, name) for name in strategy_options() if getattr(args, name, None) is not None
     }
@@ -96,6 +113,7 @@ def request_from_args(args: argparse.Namespace, strategy: str = "sequential") ->
         strategy_options=options,
         devices=args.devices,
         output=args.output,
+        loras=[parse_lora_arg(text) for text in args.lora],
     )
 
 
@@ -135,6 +153,11 @@ def print_json(data: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pull"]:  # needs no torch: skip the parser, which imports the strategies
+        from app import pull_command
+
+        return pull_command.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -168,6 +191,10 @@ def _run(args: argparse.Namespace) -> int:
                 )
                 print(f"{d['id']:8} {d['name']}{memory}")
         return 0
+    if args.command == "models" and (args.available or args.delete):
+        from app.pull_command import run_models_available, run_models_delete
+
+        return run_models_delete(args.delete, args.json) if args.delete else run_models_available(args.json)
     if args.command == "models":
         from pathlib import Path
 

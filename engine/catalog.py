@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoints import find_installed, installed_models
 from engine.errors import UserError
 from resources import EMBEDDED_MODELS_DIR
 
@@ -31,11 +32,12 @@ DEFAULT_MODEL = "shapes"  # the trained embedded model: listed first, so the win
 class ModelEntry:
     name: str
     path: Path
-    source: str  # embedded | local | hf-cache
+    source: str  # embedded | local | downloaded | hf-cache
     pipeline_class: str
     family: str
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    variant: str | None = None  # diffusers weight variant (e.g. fp16) of a pulled model
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class ModelEntry:
             "family": self.family,
             "defaults": self.defaults,
             "description": self.description,
+            "variant": self.variant,
         }
 
 
@@ -172,7 +175,8 @@ class ModelCatalog:
                 found.append(read_entry(folder, source="local"))
             except UserError:
                 continue
-        for name, snapshot in _hf_cache_snapshots():
+        found.extend(_downloaded_entries())
+        for name, snapshot in hf_cache_snapshots():
             try:
                 found.append(read_entry(snapshot, name=name, source="hf-cache"))
             except UserError:
@@ -190,18 +194,39 @@ class ModelCatalog:
         path = Path(name_or_path).expanduser()
         if path.exists():
             return read_entry(path.resolve())
-        for name, snapshot in _hf_cache_snapshots():
+        downloaded = find_installed(name_or_path)
+        if downloaded is not None:
+            return _downloaded_entry(*downloaded)
+        for name, snapshot in hf_cache_snapshots():
             if name == name_or_path:
                 return read_entry(snapshot, name=name, source="hf-cache")
         known = ", ".join(entry.name for entry in self.entries()) or "none"
         raise UserError(
             f"Unknown model '{name_or_path}' (known: {known}).",
             "Use a name from `parastep-studio models`, a folder in diffusers layout, "
-            "or a model already in the Hugging Face cache (nothing is downloaded).",
+            "a model already in the Hugging Face cache, or get one with `parastep-studio pull NAME` "
+            "(see `parastep-studio models --available`).",
         )
 
 
-def _hf_cache_snapshots() -> list[tuple[str, Path]]:
+def _downloaded_entry(folder: Path, manifest: dict[str, Any]) -> ModelEntry:
+    entry = read_entry(folder, name=manifest.get("name") or manifest["hub_id"], source="downloaded")
+    entry.variant = manifest.get("variant")
+    return entry
+
+
+def _downloaded_entries() -> list[ModelEntry]:
+    """Models pulled with `parastep-studio pull`: only complete, verified folders (with a manifest)."""
+    found = []
+    for folder, manifest in installed_models():
+        try:
+            found.append(_downloaded_entry(folder, manifest))
+        except UserError:
+            continue
+    return found
+
+
+def hf_cache_snapshots() -> list[tuple[str, Path]]:
     """(org/name, snapshot folder) for every cached pipeline repo, newest ref first."""
     cache = hf_cache_dir()
     found = []

@@ -17,6 +17,7 @@ from engine.catalog import ModelCatalog, ModelEntry
 from engine.devices import format_devices, parse_devices
 from engine.errors import JobCancelled, UserError, WorkerFailure
 from engine.loading import check_configs, check_weights
+from engine.loras import check_loras
 from engine.models import FamilyAdapter, adapter_for
 from engine.pending_decode import decode_command
 from engine.protocol import GenerationRequest, StageEvent
@@ -88,6 +89,7 @@ class Engine:
                 f"Strategy '{strategy.name}' cannot run '{entry.name}': {reason}",
                 "Pick another strategy (sequential always works).",
             )
+        check_loras(request.loras, entry.pipeline_class, strategy)
         try:
             resolved = adapter.resolve(request, entry)
         except (KeyError, TypeError, IndexError, ValueError) as exc:  # a config.json that parses but is wrong

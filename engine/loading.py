@@ -134,6 +134,8 @@ def load_pipeline(entry: ModelEntry, device: str, dtype: Any) -> Any:
                 # safetensors only, unless the user allowed pickle for this folder (then preferred)
                 use_safetensors=None if pickle_allowed(entry) else True,
                 torch_dtype=dtype,
+                # a pulled model keeps the weight files of the variant it was pulled with (e.g. fp16)
+                **({"variant": entry.variant} if entry.variant else {}),
             )
     except (OSError, ValueError) as exc:
         raise UserError(

@@ -40,6 +40,7 @@ class GenerationRequest:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     devices: str = "auto"
     output: str | None = None
+    loras: list[dict[str, Any]] = field(default_factory=list)  # [{"path", "weight"}]: engine/loras.py
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROTOCOL_VERSION, **dataclasses.asdict(self)}
@@ -176,6 +177,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "strategy_options": (dict,),
     "devices": (str,),
     "output": (str, type(None)),
+    "loras": (list,),
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.catalog import ModelEntry
 from engine.errors import JobCancelled, UserError
+from engine.loras import apply_loras, remove_loras
 from engine.pending_decode import decode_command, decode_with_fallback, save_pending
 from engine.protocol import GenerationRequest, LogEvent, PreviewEvent, StageEvent, StepEvent
 
@@ -172,6 +173,7 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
         kwargs["output_type"] = "latent"  # only rank 0 decodes
     if rank == 0:
         emit(StageEvent(job.job_id, "encode"))
+    loras = apply_loras(pipe, request.loras)  # the job's adapters, unloaded again below
     strategy.install(pipe)
     start = time.perf_counter()
     try:
@@ -187,6 +189,7 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
         ) from None
     finally:
         strategy.uninstall()
+        remove_loras(pipe, loras)
     call_end = time.perf_counter()
     loop_end = marks.get("denoise_end", call_end)
     timings = {

@@ -54,11 +54,12 @@ def _no_process_left_behind():
 
 @pytest.fixture(autouse=True)
 def _output_dir(tmp_path, monkeypatch):
-    """Clips go to a fresh folder, never the user's Videos."""
+    """Clips go to a fresh folder, never the user's Videos; pulled models likewise."""
     out = tmp_path / "clips"
     monkeypatch.setenv("PARASTEP_OUTPUT_DIR", str(out))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("PARASTEP_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PARASTEP_MODELS_DIR", str(tmp_path / "models"))  # never the user's pulled models
     return out
 
 

@@ -46,6 +46,7 @@ from ui.thumbnails import ThumbnailCache
 from ui.timeline_view import TimelineView
 
 if TYPE_CHECKING:
+    from ui.models_dialog import ModelsDialog
     from ui.result_viewer import ResultViewer
 
 TICK_MS = 500  # the ETA keeps counting between steps
@@ -89,6 +90,7 @@ class MainWindow(QMainWindow):
         self.runs_started = 0  # runs begun in the current job (a comparison has several)
         self._catalog_requested = False
         self._select_after_catalog: str | None = None  # a model folder just added
+        self.models_dialog: ModelsDialog | None = None
 
         chosen = self.settings.output_folder()
         self._build_panels(output_dir or (Path(chosen) if chosen else default_output_dir()))
@@ -163,6 +165,8 @@ class MainWindow(QMainWindow):
         file_menu = self.menuBar().addMenu("&File")
         add_folder = QAction("Add model folder...", self)
         add_folder.triggered.connect(self.request_panel.pick_model_folder)
+        get_models = QAction("Get models...", self)
+        get_models.triggered.connect(lambda: self.open_models_dialog())
         choose_output = QAction("Choose output folder...", self)
         choose_output.triggered.connect(self._choose_output_folder)
         open_output = QAction("Open output folder", self)
@@ -174,7 +178,7 @@ class MainWindow(QMainWindow):
         quit_action = QAction("Quit", self)
         quit_action.setShortcut(QKeySequence(QKeySequence.StandardKey.Quit))
         quit_action.triggered.connect(self.close)
-        for action in (add_folder, open_settings, choose_output, open_output, quit_action):
+        for action in (get_models, add_folder, open_settings, choose_output, open_output, quit_action):
             file_menu.addAction(action)
         engine_menu = self.menuBar().addMenu("&Engine")
         restart = QAction("Restart engine", self)
@@ -214,6 +218,7 @@ class MainWindow(QMainWindow):
     def _connect_panels(self) -> None:
         self.request_panel.generate_requested.connect(self.submit)
         self.request_panel.model_folder_added.connect(self._add_model_folder)
+        self.request_panel.get_models_requested.connect(self.open_models_dialog)
         self.request_panel.seed_mode.currentIndexChanged.connect(
             lambda: self.settings.set_seed_mode(self.request_panel.seed_mode_value())
         )
@@ -332,6 +337,22 @@ class MainWindow(QMainWindow):
                 self.use_settings(read_request(path))
             except UserError as err:
                 self.statusBar().showMessage(str(err), 10000)
+
+    def open_models_dialog(self, name: str = "") -> None:
+        """The Models dialog (download, delete); built on first use, kept so a download goes on
+        while it is closed. The catalog is fetched again when it installs or deletes a model."""
+        if self.models_dialog is None:
+            from ui.models_dialog import ModelsDialog
+
+            self.models_dialog = ModelsDialog(self)
+            self.models_dialog.models_changed.connect(
+                lambda: self.client.fetch_catalog(self.settings.model_folders())
+            )
+        self.models_dialog.refresh()
+        if name:
+            self.models_dialog.select(name)
+        self.models_dialog.show()
+        self.models_dialog.raise_()
 
     def _add_model_folder(self, folder: str) -> None:
         """Check the folder here (JSON files only), remember it, and pick its model once listed."""
@@ -482,5 +503,7 @@ class MainWindow(QMainWindow):
             self._result_viewer.clear()
         self.hide()  # the engine takes a few seconds to stop its workers: do not show a frozen window
         self.thumbnails.stop()
+        if self.models_dialog is not None:
+            self.models_dialog.pull.cancel()  # the part downloaded is kept for the next pull
         self.client.stop()
         super().closeEvent(event)

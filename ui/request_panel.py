@@ -32,6 +32,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.checkpoints import load_checkpoints
 from engine.protocol import GenerationRequest
 from ui.model_info import ModelInfo
 from ui.strategy_picker import StrategyPicker
@@ -40,7 +41,13 @@ AUTO = "auto"
 SEED_MODES = ("fixed", "random", "increment")
 MAX_SEED = 2**63 - 1
 RANDOM_SEED_LIMIT = 2**31 - 1  # random seeds stay short enough to read and type
-SOURCE_TITLES = {"embedded": "Embedded", "local": "Local folders", "hf-cache": "Hugging Face cache"}
+GET_PREFIX = "get:"  # item data of a checkpoint that is not installed
+SOURCE_TITLES = {
+    "embedded": "Embedded",
+    "local": "Local folders",
+    "downloaded": "Downloaded",
+    "hf-cache": "Hugging Face cache",
+}
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.webp *.bmp)"
 THUMBNAIL_SIZE = (120, 80)
 
@@ -75,12 +82,15 @@ def _set(box: QSpinBox | QDoubleSpinBox, value: Any) -> None:
 class RequestPanel(QWidget):
     generate_requested = Signal(object)  # the GenerationRequest to submit
     model_folder_added = Signal(str)
+    get_models_requested = Signal(str)  # open the Models dialog at this checkpoint ("": none)
     changed = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self._models: dict[str, ModelInfo] = {}
         self._output: str | None = None  # a folder named by a restored request (never a file)
+        self._loras: list[dict[str, Any]] = []  # LoRA adapters of a restored request (no editor yet)
+        self._last_model: str | None = None  # the model picked before a "not installed" entry
 
         # Model
         self.model_box = QComboBox()
@@ -88,6 +98,9 @@ class RequestPanel(QWidget):
         self.model_box.currentIndexChanged.connect(self._on_model_changed)
         self.add_folder_button = QToolButton(text="Add model folder...")
         self.add_folder_button.clicked.connect(self.pick_model_folder)
+        self.get_models_button = QToolButton(text="Get models...")
+        self.get_models_button.setToolTip("Download checkpoints (CogVideoX, SVD, Wan, ...) from the hub")
+        self.get_models_button.clicked.connect(lambda: self.get_models_requested.emit(""))
         self.model_note = QLabel(wordWrap=True)
         self.model_note.setStyleSheet("color: palette(mid);")
 
@@ -165,6 +178,7 @@ class RequestPanel(QWidget):
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_box, 1)
         model_row.addWidget(self.add_folder_button)
+        model_row.addWidget(self.get_models_button)
         seed_row = QHBoxLayout()
         seed_row.addWidget(self.seed, 1)
         seed_row.addWidget(self.seed_mode)
@@ -225,6 +239,7 @@ class RequestPanel(QWidget):
                 self.model_box.addItem(f"  {info.name}", info.name)
                 tip = f"{info.family} ({info.modality})\n{info.path}\n{info.description}".strip()
                 self.model_box.setItemData(self.model_box.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
+        self._add_not_installed()
         self.model_box.blockSignals(False)
         self.strategy_picker.set_catalog(catalog.get("strategies", []), catalog.get("devices", []))
         if keep.model and keep.model in self._models:
@@ -234,6 +249,18 @@ class RequestPanel(QWidget):
             self._select_model(next(iter(self._models)))
             self._apply_defaults()
             self.strategy_picker.set_value(keep.strategy, keep.strategy_options, keep.devices)
+
+    def _add_not_installed(self) -> None:
+        """The checkpoints `pull` knows that the catalog lacks; picking one opens the Models dialog."""
+        listed = set(self._models)  # names; hub ids for the HF cache and pulls by hub id
+        missing = [c for c in load_checkpoints() if c.name not in listed and c.hub_id not in listed]
+        if not missing:
+            return
+        self._add_header("Not installed (pick one to get it)")
+        for checkpoint in missing:
+            self.model_box.addItem(f"  {checkpoint.name} ↓", GET_PREFIX + checkpoint.name)
+            tip = f"{checkpoint.hub_id}: not installed; choose it to open Get models"
+            self.model_box.setItemData(self.model_box.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
 
     def _add_header(self, title: str) -> None:
         self.model_box.addItem(title)
@@ -249,6 +276,7 @@ class RequestPanel(QWidget):
         self.model_box.blockSignals(True)
         self.model_box.setCurrentIndex(index)
         self.model_box.blockSignals(False)
+        self._last_model = name
         self._show_fields()
 
     def select_model(self, name: str) -> None:
@@ -281,6 +309,7 @@ class RequestPanel(QWidget):
             strategy_options=options,
             devices=devices,
             output=self._output,
+            loras=[dict(lora) for lora in self._loras],
             **values,
         )
 
@@ -296,6 +325,7 @@ class RequestPanel(QWidget):
         self.seed.setText(str(request.seed))
         output = request.output
         self._output = output if output and (output.endswith("/") or Path(output).is_dir()) else None
+        self._loras = [dict(lora) for lora in request.loras]
         self.strategy_picker.set_value(request.strategy, request.strategy_options, request.devices)
         self._update_context()
 
@@ -326,6 +356,15 @@ class RequestPanel(QWidget):
             self.seed.setText(str(min(int(self.seed.text() or 0) + 1, MAX_SEED)))
 
     def _on_model_changed(self) -> None:
+        data = self.model_box.currentData()
+        if isinstance(data, str) and data.startswith(GET_PREFIX):
+            # not a model yet: go back to the one before and offer the download
+            self.model_box.blockSignals(True)
+            self.model_box.setCurrentIndex(max(self.model_box.findData(self._last_model), 0))
+            self.model_box.blockSignals(False)
+            self.get_models_requested.emit(data[len(GET_PREFIX) :])
+            return
+        self._last_model = data
         self._show_fields()
         self._apply_defaults()
         self._on_changed()

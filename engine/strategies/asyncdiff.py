@@ -221,6 +221,7 @@ class AsyncDiffStrategy(Strategy):
     )
     min_devices = 1
     max_devices = None
+    keeps_denoiser_whole = False
     one_call_per_step = True  # the parts exchange the one call's boundary tensors
     width_from = "ranks"
     stride_from = "stride"  # N + S - 1 devices: N parts, each once per S steps

@@ -119,6 +119,7 @@ class Strategy:
     device_multiple = 1  # the device count must be a multiple of this (e.g. CFG pairs)
     one_call_per_step = False  # True: the strategy splits the denoiser itself and needs one call a step
     needs_every_step = True  # False: the loop runs untouched (any schedule length, any scheduler order)
+    keeps_denoiser_whole = True  # False: patches or splits the denoiser's layers (LoRA is refused)
     steps_scheduler_itself = False  # True: calls scheduler.step outside the loop (BatchStep's look-ahead)
     # Ideal loop speedup, factor * T / (W + ceil((T - W) / width)), described as data so that the
     # window (which cannot import this module) computes it too: width is the rank count divided by

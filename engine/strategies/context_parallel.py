@@ -61,6 +61,7 @@ class ContextParallelStrategy(Strategy):
     )
     min_devices = 2
     max_devices = None
+    keeps_denoiser_whole = False
     needs_every_step = False  # every rank runs the whole loop; only the tokens are split
     width_from = "ranks"
 

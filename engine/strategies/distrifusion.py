@@ -67,6 +67,7 @@ class DistriFusionStrategy(Strategy):
     )
     min_devices = 1
     max_devices = None
+    keeps_denoiser_whole = False
     one_call_per_step = True  # the bands exchange the one call's activations
     width_from = "ranks"
     warmup_parallel = True  # warm-up steps are split into bands too, with a synchronous exchange

@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 UI_MODULES = sorted(f"ui.{path.stem}" for path in (REPO / "ui").glob("*.py") if path.stem != "__init__")
-HEAVY = ("torch", "diffusers", "transformers", "accelerate")
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "huggingface_hub")
 
 
 def test_importing_every_window_module_leaves_torch_unimported():

@@ -26,6 +26,7 @@ REQUESTS = [
         strategy="parastep",
         strategy_options={"warmup": 2},
         devices="cpu:3",
+        loras=[{"path": "/loras/style.safetensors", "weight": 0.7}],
     ),
     GenerationRequest(
         model="tiny-svd",
