@@ -20,6 +20,7 @@ FAMILIES = {
     "StableVideoDiffusionPipeline": "svd",
     "AudioLDM2Pipeline": "audioldm2",
     "WanPipeline": "wan",
+    "HunyuanVideo15Pipeline": "hunyuanvideo15",
 }
 STUDIO_FILE = "studio.json"  # optional: family claim and defaults of an embedded model
 DEFAULT_MODEL = "shapes"  # the trained embedded model: listed first, so the window starts on it

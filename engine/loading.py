@@ -10,7 +10,9 @@ from engine.catalog import ModelEntry
 from engine.errors import UserError
 
 # Component classes that carry no weights.
-_WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor")
+# Config-only components; "Guidance": diffusers guiders (ClassifierFreeGuidance, ...), which hold a
+# guidance scale and no tensors (HunyuanVideo 1.5, LTX-2).
+_WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor", "Guidance")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # A file the user creates in a model folder to allow its pickle weights (which can run code when
 # loaded). Only the user makes it: nothing in ParaStep Studio writes it, and it covers that folder only.

@@ -5,6 +5,7 @@ from engine.models.audioldm2 import AudioLDM2Adapter
 from engine.models.base import FamilyAdapter
 from engine.models.cogvideox import CogVideoXAdapter
 from engine.models.generic import GenericAdapter
+from engine.models.hunyuan_video15 import HunyuanVideo15Adapter
 from engine.models.svd import SVDAdapter
 from engine.models.wan import WanAdapter
 
@@ -13,6 +14,7 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "svd": SVDAdapter,
     "audioldm2": AudioLDM2Adapter,
     "wan": WanAdapter,
+    "hunyuanvideo15": HunyuanVideo15Adapter,
 }
 
 
