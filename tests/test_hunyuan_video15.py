@@ -27,7 +27,7 @@ from tests.test_strategies import assert_close, assert_distinct
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6  # W = 1: rounds (1,2),(3,2),(5,1) for N = 2 and (1,3),(4,2) for N = 3
+STEPS = 5  # W = 1: rounds (1,2),(3,2) for N = 2 and (1,3),(4,1) for N = 3: a broadcast in both
 WARMUP = 1
 SEED = 7
 EXACT = 1e-6  # ParaStep runs the reference's float32 operations; gloo moves tensors unchanged
@@ -45,8 +45,6 @@ RUNS = {  # grouped by devices: one worker group each
     "sequential": ("sequential", "cpu:1", {}),
     "parastep-1": ("parastep", "cpu:1", {"warmup": WARMUP}),
     "batchstep-2": ("batchstep", "cpu:1", {"warmup": WARMUP, "lookahead": 2}),
-    "cache-pab": ("cache-pab", "cpu:1", {}),
-    "cache-taylorseer": ("cache-taylorseer", "cpu:1", {}),
     "parastep-2": ("parastep", "cpu:2", {"warmup": WARMUP}),
     "parastep-2-all-warmup": ("parastep", "cpu:2", {"warmup": STEPS}),
     "cfg-parallel": ("cfg-parallel", "cpu:2", {}),
@@ -198,12 +196,6 @@ def test_cfg_parallel_pairs_the_guidance_calls_and_equals_sequential(runs):
     assert [{k: c[k] for k in ("bytes_sent", "bytes_received")} for c in result.ranks] == traffic
 
 
-@pytest.mark.parametrize("name", ["cache-pab", "cache-taylorseer"])
-def test_caches_run_on_the_separate_calls(name, runs):
-    result = runs(name)
-    assert np.isfinite(result.latents).all() and result.latents.shape == runs("sequential").latents.shape
-
-
 def test_cfg_parallel_is_refused_at_guidance_one(shared_engine, model):
     with pytest.raises(UserError, match="turns guidance off"):
         shared_engine.plan(request(str(model), "cfg-parallel", "cpu:2", {}, guidance_scale=1.0))
@@ -222,6 +214,8 @@ def test_every_strategy_runs_or_is_refused_at_plan_time_with_its_reason(shared_e
             refused[name] = str(error)
             continue
         planned.add(name)
+    # cache-pab and cache-taylorseer plan (and run: `generate --strategy cache-pab`); their results
+    # are approximations with nothing exact to compare, so this module does not spend runs on them.
     assert planned == set(STRATEGIES) - set(refused)
     assert set(refused) == {
         "asyncdiff",
