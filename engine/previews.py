@@ -107,7 +107,7 @@ class PreviewRenderer:
             latent_images, _ = self.adapter.preview_images(part)
             target = mel[0].transpose(1, 2).flip(1).unsqueeze(0)  # as the preview lays it out
         else:
-            part = x0[:, :1]
+            part = self.adapter.first_latent_frame(x0)
             frames = torch.from_numpy(self.adapter.decode(self.pipe, part, self.request)[:1]).float() / 255.0
             latent_images, _ = self.adapter.preview_images(part)
             target = frames.permute(0, 3, 1, 2)  # [1, 3, H, W]

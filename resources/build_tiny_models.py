@@ -598,7 +598,7 @@ def build_wan(experts: int = 1, num_layers: int = 2) -> Built:
     return pipe, {"family": "wan", "description": description, "defaults": dict(WAN_DEFAULTS)}
 
 
-# --- HunyuanVideo 1.5 (text to video),,
+# --- HunyuanVideo 1.5 (text to video),
 # laid out like hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v
 
 HUNYUAN_VIDEO15_DEFAULTS = {

@@ -128,6 +128,11 @@ class FamilyAdapter:
         """x0 as a stack of latent images [N, C, h, w] and the output frame index of each."""
         raise NotImplementedError
 
+    def first_latent_frame(self, latents: Any) -> Any:
+        """Video: the latents cut to their first latent frame, in the family's layout (the preview map
+        is fitted on its decode). This default is for [B, F, C, H, W] (CogVideoX, SVD)."""
+        return latents[:, :1]
+
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, "modality": self.modality}
 

@@ -102,6 +102,9 @@ class HunyuanVideo15Adapter(FamilyAdapter):
         frames = pipe.video_processor.postprocess_video(video, output_type="pt")[0]
         return to_uint8_frames(frames)
 
+    def first_latent_frame(self, latents: Any) -> Any:
+        return latents[:, :, :1]  # [B, C, F, H, W]
+
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         latent_frames = x0.shape[2]
         # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
