@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from engine.catalog import read_entry
 from engine.errors import UserError
@@ -128,6 +129,11 @@ def test_adapter_checks_frames_and_sizes(model):
         848,
         50,
     )
+    # Latents are [B, C, F, H, W]: the preview map is fitted on the first latent frame, all channels.
+    latents = np.zeros((1, 8, 2, 2, 3), dtype=np.float32)
+    assert adapter.first_latent_frame(latents).shape == (1, 8, 1, 2, 3)
+    images, frames = adapter.preview_images(torch.from_numpy(latents))
+    assert tuple(images.shape) == (2, 8, 2, 3) and frames == [0, 4]
     # The guider runs the unconditional call for any scale but exactly 1.
     assert adapter.uses_guidance(request(str(model), "sequential", "cpu:1", {}, guidance_scale=0.5))
     assert not adapter.uses_guidance(request(str(model), "sequential", "cpu:1", {}, guidance_scale=1.0))
