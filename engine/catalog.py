@@ -23,6 +23,7 @@ FAMILIES = {
     "WanPipeline": "wan",
     "StableAudioPipeline": "stable-audio",
     "LTXPipeline": "ltx",
+    "HunyuanVideo15Pipeline": "hunyuanvideo15",
 }
 STUDIO_FILE = "studio.json"  # optional: family claim and defaults of an embedded model
 DEFAULT_MODEL = "shapes"  # the trained embedded model: listed first, so the window starts on it

@@ -9,7 +9,9 @@ from engine.errors import UserError
 from engine.models import adapter_for
 
 # Component classes that carry no weights.
-_WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor")
+# Config-only components; "Guidance": diffusers guiders (ClassifierFreeGuidance, ...), which hold a
+# guidance scale and no tensors (HunyuanVideo 1.5, LTX-2).
+_WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor", "Guidance")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

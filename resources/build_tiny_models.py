@@ -12,6 +12,9 @@ Run with ``python -m resources.build_tiny_models [NAME ...] [--out DIR]``. It wr
 * ``tiny-wan-a14b``: the same with two experts (``transformer``, ``transformer_2`` and a
   ``boundary_ratio``), laid out like Wan-AI/Wan2.2-T2V-A14B-Diffusers (built by the tests, not shipped);
 * ``tiny-ltx``: an ``LTXPipeline`` (text to video) laid out like Lightricks/LTX-Video (0.9.0).
+* ``tiny-hunyuan-video15``: a ``HunyuanVideo15Pipeline`` (text to video) laid out like
+  hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v (built by the tests, not shipped: its ByT5
+  projection has a fixed 2048-wide hidden layer, 17 MB of weights at any model width).
 
 Why: the application, its tests and its benchmarks need pipelines that load exactly like a published
 checkpoint, ``DiffusionPipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)``, and
@@ -43,6 +46,7 @@ from diffusers import (
     AudioLDM2UNet2DConditionModel,
     AutoencoderKL,
     AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
     AutoencoderKLTemporalDecoder,
     AutoencoderKLWan,
@@ -55,6 +59,8 @@ from diffusers import (
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     StableAudioDiTModel,
@@ -66,9 +72,11 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.utils import logging as diffusers_logging
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    ByT5Tokenizer,
     ClapAudioConfig,
     ClapConfig,
     ClapFeatureExtractor,
@@ -79,6 +87,9 @@ from transformers import (
     CLIPVisionModelWithProjection,
     GPT2Config,
     GPT2LMHeadModel,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLTextModel,
+    Qwen2Tokenizer,
     RobertaTokenizer,
     SpeechT5HifiGan,
     SpeechT5HifiGanConfig,
@@ -155,6 +166,35 @@ def build_roberta_tokenizer(model_max_length: int) -> RobertaTokenizer:
     trained = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
     return RobertaTokenizer(vocab=trained["vocab"], merges=merges, model_max_length=model_max_length)
+
+
+# Qwen2-style chat template (the turns the HunyuanVideo 1.5 pipeline formats: system, user, assistant).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_qwen2_tokenizer(model_max_length: int) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer (byte-level BPE) with merges trained on ``WORDS``, Qwen's chat specials and
+    chat template."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen2: pad = unk = <|endoftext|>
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([" ".join(WORDS), " ".join(word.capitalize() for word in WORDS)], trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=trained["vocab"], merges=merges, model_max_length=model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})  # never split into bytes
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
@@ -729,6 +769,97 @@ def build_ltx(timestep_conditioning: bool = False) -> Built:
     return pipe, {"family": "ltx", "description": description, "defaults": dict(LTX_DEFAULTS)}
 
 
+# --- HunyuanVideo 1.5 (text to video),
+# laid out like hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v
+
+HUNYUAN_VIDEO15_DEFAULTS = {
+    "steps": 20,
+    "frames": 5,
+    "height": 32,
+    "width": 48,
+    "fps": 24,
+    "guidance_scale": 6.0,
+}
+
+
+def build_hunyuan_video15() -> Built:
+    """Qwen2.5-VL language model and ByT5 encoder, the 480p T2V DiT's layout, the causal 3D DC-AE VAE.
+
+    The pipeline pads prompts to 1000 Qwen tokens, glyph text to 256 ByT5 tokens and adds 729 image
+    tokens, and the transformer's ByT5 projection is 2048 wide whatever its other sizes, so one call
+    costs ~0.1-0.2 s on one CPU thread even with these small widths. The published 16x spatial /
+    4x temporal compression, 4k+1 frames, patch 1, latent channels + conditioning + mask input, the
+    FlowMatch Euler scheduler (shift 5) and the ClassifierFreeGuidance guider (scale 6) are kept.
+    """
+    latent_channels, text_dim, byt5_dim = 8, 32, 32
+    tokenizer = build_qwen2_tokenizer(model_max_length=131072)
+    torch.manual_seed(SEED)
+    text_encoder = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_dim,
+            intermediate_size=2 * text_dim,
+            num_hidden_layers=3,  # the pipeline takes the third hidden state from the end
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,  # prompts are 108 + 1000 tokens
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=None,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    tokenizer_2 = ByT5Tokenizer()  # bytes: no vocabulary file
+    text_encoder_2 = build_t5_encoder(len(tokenizer_2), byt5_dim)
+    torch.manual_seed(SEED)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * latent_channels + 1,  # latents, conditioning latents (zero for t2v), mask
+        out_channels=latent_channels,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=text_dim,
+        text_embed_2_dim=byt5_dim,
+        image_embed_dim=16,
+        rope_axes_dim=(2, 2, 4),  # sums to attention_head_dim
+        target_size=64,  # the pipeline's default size when none is given
+        task_type="t2v",
+    )
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLHunyuanVideo15(
+        block_out_channels=(8, 8, 16, 16, 16),  # five levels: 16x spatial, 4x temporal, as published
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        spatial_compression_ratio=16,
+        temporal_compression_ratio=4,
+        scaling_factor=1.03682,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)  # the published 480p T2V scheduler
+    guider = ClassifierFreeGuidance(guidance_scale=6.0)
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        guider=guider,
+    )
+    description = (
+        "Tiny random-weight HunyuanVideo 1.5 (480p T2V layout) for tests and CPU benchmarks; outputs noise."
+    )
+    return pipe, {
+        "family": "hunyuanvideo15",
+        "description": description,
+        "defaults": dict(HUNYUAN_VIDEO15_DEFAULTS),
+    }
+
+
 # --- Saving -------------------------------------------------------------------------------------------------
 
 BUILDERS: dict[str, Callable[[], Built]] = {
@@ -739,6 +870,7 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "tiny-wan-a14b": lambda: build_wan(experts=2),
     "tiny-stable-audio": build_stable_audio,
     "tiny-ltx": build_ltx,
+    "tiny-hunyuan-video15": build_hunyuan_video15,
 }
 SHIPPED = (
     "tiny-cogvideox",

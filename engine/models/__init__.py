@@ -5,6 +5,7 @@ from engine.models.audioldm2 import AudioLDM2Adapter
 from engine.models.base import FamilyAdapter
 from engine.models.cogvideox import CogVideoXAdapter
 from engine.models.generic import GenericAdapter
+from engine.models.hunyuan_video15 import HunyuanVideo15Adapter
 from engine.models.ltx import LTXAdapter
 from engine.models.stable_audio import StableAudioAdapter
 from engine.models.svd import SVDAdapter
@@ -17,6 +18,7 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "wan": WanAdapter,
     "stable-audio": StableAudioAdapter,
     "ltx": LTXAdapter,
+    "hunyuanvideo15": HunyuanVideo15Adapter,
 }
 
 

@@ -342,7 +342,9 @@ class Strategy:
 
     def recv(self, like: torch.Tensor, src: int, peers: Peers | None = None, tag: int = 0) -> torch.Tensor:
         peers = peers or self.peers
-        buffer = torch.empty_like(like)
+        # Contiguous whatever `like`'s strides: gloo and NCCL need it, and some denoisers return a
+        # permuted view (HunyuanVideo 1.5's unpatchify), which empty_like would copy.
+        buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
         start = time.perf_counter()
         dist.recv(buffer, group=peers.group, group_src=src, tag=tag)
         self._waited(start)

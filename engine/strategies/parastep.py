@@ -192,7 +192,11 @@ class ParaStepStrategy(Strategy):
         """Rank 0 broadcasts the round's last applied predictions; every rank reuses them from now on."""
         for call in sorted(self.cache):
             prediction, rebuild = split_output(self.cache[call])
-            fresh = self._freshest[call] if self.peers.rank == 0 else torch.empty_like(prediction)
+            # Contiguous on every rank: the collective needs it (outputs may be permuted views).
+            if self.peers.rank == 0:
+                fresh = self._freshest[call].contiguous()
+            else:
+                fresh = torch.empty_like(prediction, memory_format=torch.contiguous_format)
             self.broadcast(fresh)
             if self.peers.rank != 0:
                 self.cache[call] = rebuild(fresh)
