@@ -15,9 +15,10 @@ simulated one after another:
 
 - warm-up steps 0..W-1 are exact (every rank computes the same output; all caches become it);
 - a round at step s of n = min(N, T - s) steps: rank 0 evaluates the denoiser at x_s; rank k
-  (1 <= k < n) copies the scheduler at the round start, advances k steps from x_s with its own
-  cached prediction, evaluates the denoiser at step s + k on that latent, and that output becomes
-  its new cache; rank 0 then applies the n predictions in order with the ordinary scheduler step.
+  (1 <= k < n) advances k steps from x_s with its own cached prediction, evaluates the denoiser at
+  step s + k on that latent, and that output becomes its new cache; rank 0 then applies the n
+  predictions in order with the ordinary scheduler step. Every rank keeps its own scheduler, stepped
+  at every step with what it applies (a multistep scheduler's history is the rank's own).
 
 Only rank 0's trajectory is returned.
 """
@@ -282,37 +283,41 @@ def sequential(rec: Recording) -> torch.Tensor:
 
 
 def parastep(rec: Recording, ranks: int, warmup: int) -> torch.Tensor:
-    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps."""
+    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps.
+
+    Every rank keeps its own scheduler and steps it at every step with the prediction it applies (a
+    multistep scheduler's history is its own, as published); at the end of every round but the last
+    rank 0's latent replaces every rank's.
+    """
     total = rec.steps
     if ranks < 1 or not 0 <= warmup <= total:
         raise ValueError("bad ParaStep parameters")
     if ranks > 1 and warmup == 0 and total > 0:
         raise ValueError("ParaStep needs a warm-up step to fill the ranks' caches")
     with single_thread(), torch.inference_mode():
-        scheduler = copy.deepcopy(rec.scheduler)  # rank 0's scheduler
-        x = rec.x0.clone()
+        schedulers = [copy.deepcopy(rec.scheduler) for _ in range(ranks)]
+        latents = [rec.x0.clone() for _ in range(ranks)]
         caches: list[torch.Tensor | None] = [None] * ranks
-        for i in range(warmup):
-            raw = denoise(rec, scheduler, x, i)
-            caches = [raw] * ranks  # every rank computed this same output
-            x = advance(rec, scheduler, raw, i, x)
-        s = warmup
-        while s < total:
+        for i in range(warmup):  # every rank computes this same output on the same latent
+            raw = denoise(rec, schedulers[0], latents[0], i)
+            for r in range(ranks):
+                caches[r] = raw
+                latents[r] = advance(rec, schedulers[r], raw, i, latents[r])
+        starts = list(range(warmup, total, ranks))
+        for s in starts:
             n = min(ranks, total - s)
-            at_start = copy_scheduler(rec, scheduler)
-            predictions = [denoise(rec, scheduler, x, s)]
-            caches[0] = predictions[0]
-            for k in range(1, n):
-                own = copy_scheduler(rec, at_start)  # rank k's scheduler, in step with rank 0's at s
-                x_k = x
-                for m in range(k):  # reuse: k steps with rank k's own cached prediction
-                    x_k = advance(rec, own, caches[k], s + m, x_k)
-                caches[k] = denoise(rec, own, x_k, s + k)  # predict
-                predictions.append(caches[k])
-            for j, prediction in enumerate(predictions):
-                x = advance(rec, scheduler, prediction, s + j, x)
-            s += n
-        return x
+            predictions = {}
+            for k in range(1, ranks):  # rank k: reuse before s + k, predict at s + k, then idle
+                for m in range(n):
+                    if m == k:
+                        caches[k] = predictions[k] = denoise(rec, schedulers[k], latents[k], s + m)
+                    latents[k] = advance(rec, schedulers[k], caches[k], s + m, latents[k])
+            for m in range(n):  # rank 0 applies its own prediction, then the received ones
+                raw = denoise(rec, schedulers[0], latents[0], s) if m == 0 else predictions[m]
+                latents[0] = advance(rec, schedulers[0], raw, s + m, latents[0])
+            if s != starts[-1]:
+                latents = [latents[0].clone() for _ in range(ranks)]  # the broadcast
+        return latents[0]
 
 
 def rounds(total: int, warmup: int, ranks: int) -> list[tuple[int, int]]:

@@ -10,7 +10,8 @@ boundary timestep, the two calls, the loop's own guidance formula, `scheduler.st
 N ranks are simulated as the algorithm runs them on separate processes: every rank keeps its own
 scheduler and latent and steps at every step (UniPC keeps a history of model outputs, so rank k's
 history holds its own reused predictions), rank k's cache is the whole set of its last calls, and at
-the end of every round but the last rank 0's latent replaces every rank's.
+the end of every round but the last rank 0's latent replaces every rank's (with `sync_solver`, rank
+0's scheduler too).
 """
 
 from __future__ import annotations
@@ -130,9 +131,9 @@ def sequential(rec: WanRecording) -> torch.Tensor:
     return parastep(rec, ranks=1, warmup=rec.steps)
 
 
-def parastep(rec: WanRecording, ranks: int, warmup: int, sync_solver: bool = True) -> torch.Tensor:
+def parastep(rec: WanRecording, ranks: int, warmup: int, sync_solver: bool = False) -> torch.Tensor:
     """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps;
-    `sync_solver` False: the broadcast carries the latent alone and ranks keep their own history."""
+    `sync_solver`: the broadcast also carries rank 0's scheduler (else ranks keep their own history)."""
     total = rec.steps
     if ranks > 1 and warmup < 1:
         raise ValueError("ParaStep needs a warm-up step to fill the ranks' caches")

@@ -39,7 +39,7 @@ RUNS = {
     "cache-fbc": ("cache-fbc", "cpu:1", {}),
     "parastep-2": ("parastep", "cpu:2", {"warmup": WARMUP}),
     "parastep-2-all-warmup": ("parastep", "cpu:2", {"warmup": STEPS}),
-    "parastep-2-own-history": ("parastep", "cpu:2", {"warmup": WARMUP, "sync_solver": 0}),
+    "parastep-2-synced": ("parastep", "cpu:2", {"warmup": WARMUP, "sync_solver": 1}),
     "cfg-parallel": ("cfg-parallel", "cpu:2", {}),
     "parastep-3": ("parastep", "cpu:3", {"warmup": WARMUP}),
 }
@@ -97,7 +97,7 @@ def references(models):
                 "stock": rec.stock_latents.numpy(),
                 "sequential": oracle_wan.sequential(rec).numpy(),
                 **{f"parastep-{n}": oracle_wan.parastep(rec, n, WARMUP).numpy() for n in (1, 2, 3)},
-                "parastep-2-own-history": oracle_wan.parastep(rec, 2, WARMUP, sync_solver=False).numpy(),
+                "parastep-2-synced": oracle_wan.parastep(rec, 2, WARMUP, sync_solver=True).numpy(),
                 "experts": len(rec.experts),
                 "boundary_steps": sum(oracle_wan.high_noise(rec, t) for t in rec.scheduler.timesteps),
             }
@@ -137,26 +137,25 @@ def test_parastep_matches_the_reference(model, ranks, runs, references):
     assert_distinct(latents, runs(model, "sequential").latents, EXACT, f"{model} parastep N={ranks}")
 
 
-def test_parastep_without_solver_sync_keeps_each_ranks_history(runs, references):
-    """sync_solver 0 (as published): rank 1 steps UniPC with its own history; another result, and
-    the broadcast carries the latent alone."""
+def test_parastep_with_solver_sync_sends_rank_0s_history(runs, references):
+    """sync_solver 1: every rank starts a round with rank 0's UniPC history; another result, and
+    the broadcast carries the latent, two model outputs and the last sample."""
     model = "tiny-wan"
-    own = runs(model, "parastep-2-own-history")
-    assert_close(own.latents, references(model)["parastep-2-own-history"], EXACT, "parastep N=2 own history")
-    assert_distinct(own.latents, runs(model, "parastep-2").latents, EXACT, "own history vs synced")
-    latent_bytes = math.prod(own.latents.shape) * np.dtype(np.float32).itemsize
-    traffic = expected_traffic(STEPS, WARMUP, 2, 2 * latent_bytes, latent_bytes)
-    assert [c["bytes_sent"] for c in own.ranks] == [t["bytes_sent"] for t in traffic]
+    synced = runs(model, "parastep-2-synced")
+    assert_close(synced.latents, references(model)["parastep-2-synced"], EXACT, "parastep N=2 synced")
+    assert_distinct(synced.latents, runs(model, "parastep-2").latents, EXACT, "synced vs own history")
+    latent_bytes = math.prod(synced.latents.shape) * np.dtype(np.float32).itemsize
+    traffic = expected_traffic(STEPS, WARMUP, 2, 2 * latent_bytes, 4 * latent_bytes)
+    assert [c["bytes_sent"] for c in synced.ranks] == [t["bytes_sent"] for t in traffic]
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_parastep_sends_every_call_of_a_step(model, runs):
     """Two calls a step: rank k sends both predictions of its step; the formula's prediction is the
-    step's two outputs, its broadcast the latent and the solver's state."""
+    step's two outputs, its broadcast the latent."""
     result = runs(model, "parastep-2")
     latent_bytes = math.prod(result.latents.shape) * np.dtype(np.float32).itemsize
-    # The broadcast carries UniPC's state too: two model outputs and the last sample.
-    traffic = expected_traffic(STEPS, WARMUP, 2, 2 * latent_bytes, 4 * latent_bytes)
+    traffic = expected_traffic(STEPS, WARMUP, 2, 2 * latent_bytes, latent_bytes)
     for rank, counters in enumerate(result.ranks):
         assert counters["bytes_sent"] == traffic[rank]["bytes_sent"]
         assert counters["bytes_received"] == traffic[rank]["bytes_received"]

@@ -4,7 +4,9 @@ In a round starting at step s (after W warm-up steps) slot 0 is the exact latent
 (1..P-1) is x_s advanced k steps with slot k's cached prediction, on a copy of the scheduler. The
 P denoiser inputs go through one call with per-sample timesteps; the loop then applies the P
 outputs in order, one per step, without calling the denoiser again. Slot k's cache is its own last
-prediction, exactly as rank k's in ParaStep, so P = 2 is ParaStep with N = 2.
+prediction, exactly as rank k's in ParaStep, so P = 2 is ParaStep with N = 2. Each slot also keeps
+its own scheduler, stepped at every step of every round with the predictions rank k would apply, so a
+multistep scheduler's history (UniPC, DPM-Solver) is rank k's too, as in ParaStep's default.
 It pays off where the model under-uses the device at batch size 1-2.
 """
 
@@ -56,7 +58,9 @@ class BatchStepStrategy(Strategy):
         # Slot k's cached prediction, as the guided noise the loop applied with it (scheduler.step's
         # input): one tensor whatever the number of denoiser calls per step.
         self.slot_noise: list[torch.Tensor | None] = []
-        self.slots: list[tuple[Any, torch.Tensor]] = []  # the round's look-ahead (scheduler, latent)
+        # Slot k's own scheduler (made at the first round) and its latent during the round.
+        self.slot_schedulers: list[Any] = []
+        self.slot_latents: list[torch.Tensor] = []
         self.round_outputs: dict[int, list[Any]] = {}  # call -> the round's P outputs
 
     def _round_start(self, step: int) -> int | None:
@@ -75,7 +79,7 @@ class BatchStepStrategy(Strategy):
             return self.round_outputs[self.call][j]
         size = min(self.width, self.ctx.total_steps - start)
         if self.call == 0:
-            self.slots = [self._look_ahead(start, k) for k in range(1, size)]
+            self._look_ahead(start, size)
         self.round_outputs[self.call] = self._batched_call(forward, args, kwargs, start, size)
         return self.round_outputs[self.call][0]
 
@@ -85,6 +89,9 @@ class BatchStepStrategy(Strategy):
             self.slot_noise = [self.noise] * self.width
         elif self.step > start:
             self.slot_noise[self.step - start] = self.noise  # slot j's output was applied now
+            size = min(self.width, self.ctx.total_steps - start)
+            if self.step == start + size - 1:
+                self._finish_round(start, size)
         super().after_step(latent)
 
     def _batched_call(self, forward: Callable, args: tuple, kwargs: dict, start: int, size: int) -> list[Any]:
@@ -94,7 +101,8 @@ class BatchStepStrategy(Strategy):
         sample_name, sample = names[0], bound.arguments[names[0]]
         timesteps = self.ctx.pipe.scheduler.timesteps
         inputs, steps = [sample], [timesteps[start]]
-        for k, (scheduler, latent) in enumerate(self.slots, start=1):
+        for k in range(1, size):
+            scheduler, latent = self.slot_schedulers[k], self.slot_latents[k]
             inputs.append(self.ctx.adapter.denoiser_input(scheduler, latent, timesteps[start + k], sample))
             steps.append(timesteps[start + k])
         batch = sample.shape[0]
@@ -110,16 +118,34 @@ class BatchStepStrategy(Strategy):
         prediction, rebuild = split_output(output)
         return [rebuild(chunk) for chunk in prediction.chunk(size)]
 
-    def _look_ahead(self, start: int, k: int) -> tuple[Any, torch.Tensor]:
-        """Slot k: x_s advanced k steps with slot k's cached prediction, on its own scheduler copy."""
+    def _look_ahead(self, start: int, size: int) -> None:
+        """At a round start: slot k advances from x_s with its cached prediction, k steps (up to its
+        predict step) or the whole round (a slot beyond a short last round only reuses)."""
+        if not self.slot_schedulers:  # after the warm-up every rank's scheduler is rank 0's
+            self.slot_schedulers = [None] + [self._private_copy() for _ in range(1, self.width)]
+        self.slot_latents = [self.latent] * self.width
+        for k in range(1, self.width):
+            self._advance(k, self.slot_noise[k], start, range(min(k, size)))
+
+    def _finish_round(self, start: int, size: int) -> None:
+        """At a round's end: slot k steps the rest of the round with its new prediction, as rank k
+        does after its predict step (only its scheduler's history is kept)."""
+        for k in range(1, size):
+            self._advance(k, self.slot_noise[k], start, range(k, size))
+
+    def _advance(self, k: int, noise: torch.Tensor, start: int, offsets: range) -> None:
+        scheduler, latent = self.slot_schedulers[k], self.slot_latents[k]
+        for m in offsets:
+            t = scheduler.timesteps[start + m]
+            latent = scheduler.step(noise, t, latent, **self.last_step_kwargs).prev_sample.to(
+                self.latent.dtype
+            )
+        self.slot_latents[k] = latent
+
+    def _private_copy(self) -> Any:
         scheduler = self.ctx.adapter.copy_scheduler(self.ctx.pipe.scheduler)
-        del scheduler.step  # the copy must not call back into this strategy
-        timesteps = scheduler.timesteps
-        latent = self.latent
-        for m in range(k):
-            latent = scheduler.step(self.slot_noise[k], timesteps[start + m], latent, **self.last_step_kwargs)
-            latent = latent.prev_sample.to(self.latent.dtype)
-        return scheduler, latent
+        scheduler.__dict__.pop("step", None)  # the copy must not call back into this strategy
+        return scheduler
 
 
 def _is_batched(value: Any, batch: int) -> bool:

@@ -6,6 +6,8 @@ x_s. Rank 0 runs the denoiser at x_s and then applies, step by step, the predict
 1..N-1 with the ordinary scheduler step. Rank k advances k steps from x_s with its own cached
 prediction ("reuse"), runs the denoiser once at step s+k ("predict") and sends the raw output
 (both guidance halves) to rank 0. At the end of the round rank 0 broadcasts its latent.
+A step's predictions are all of its denoiser calls (Wan's separate conditional and unconditional
+calls): every call of a step is computed, reused, sent and received alike.
 
 Only rank 0's trajectory is the output. With N = 1 this is exactly the sequential loop.
 Cancellation is agreed at the same points (a one-byte broadcast from rank 0), so that no rank is
@@ -22,6 +24,11 @@ default; docs/parastep-variants.md has the measurements):
   previous one (relative L2 of the guided predictions); after at least W sync steps, the next
   segment is a parallel round when the last change was below the threshold, else a sync step.
   The decision rides on the cancel flag rank 0 broadcasts at every segment end.
+- `sync_solver`: a multistep scheduler (UniPC, DPM-Solver) keeps a history of model outputs, and
+  rank k's holds its own reused predictions (as published). With this on, the round-end broadcast
+  also carries rank 0's history, so every rank starts a round where rank 0 is. Measured on `shapes`
+  with UniPC it is less faithful (the stale reused prediction no longer matches the fresh history
+  the solver extrapolates from) and costs more traffic, so it is off.
 
 The ParaStep ranks are `self.peers` (the world by default; `cfg-parastep` runs one ParaStep per
 CFG half over a subgroup), and every denoiser evaluation goes through `self.compute`, which a
@@ -62,9 +69,9 @@ class ParaStepStrategy(Strategy):
         StrategyOption(
             "sync_solver",
             "1: the round-end broadcast also carries a multistep scheduler's history (UniPC, DPM-Solver), "
-            "so every rank starts each round where rank 0 is; 0: ranks keep their own history, as "
-            "published (less traffic). Nothing changes with stateless schedulers (DDIM, Euler).",
-            1,
+            "so every rank starts each round where rank 0 is; measured less faithful than each rank "
+            "keeping its own (0, as published; docs/parastep-variants.md). Stateless schedulers: no effect.",
+            0,
             0,
             1,
         ),
@@ -89,7 +96,7 @@ class ParaStepStrategy(Strategy):
         self.warmup = int(options["warmup"])
         self.fresh_reuse = bool(options.get("fresh_reuse", 0))
         self.adaptive_pct = int(options.get("adaptive", 0) or 0)
-        self.sync_solver = bool(options.get("sync_solver", 1))
+        self.sync_solver = bool(options.get("sync_solver", 0))
         # This rank's last own predictions, one whole denoiser output per call of the step.
         self.cache: dict[int, Any] = {}
         self._pending_sends: list[Any] = []
