@@ -1,6 +1,7 @@
 """Does ParaStep need the solver's history at each round start? `sync_solver` 1 against 0 (as published).
 
     nice -n 5 .venv/bin/python -m scripts.benchmark_solver_sync [--prompts 15] [--ranks 2,3] [--steps 20]
+        [--schedulers UniPC,DPM-Solver++]
 
 Multistep schedulers (UniPC, DPM-Solver++) carry a history of model outputs from step to step. With
 `sync_solver` 0, ranks k >= 1 keep the history of their own reused predictions after rank 0's latent
@@ -68,12 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", default="2,3")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--schedulers", default=",".join(SCHEDULERS), help="any of " + ", ".join(SCHEDULERS))
     args = parser.parse_args(argv)
     ranks = [int(n) for n in args.ranks.split(",")]
     texts = prompts(args.prompts)
     print(f"machine: {platform.processor() or platform.machine()}, {cpu_cores()} cores; {len(texts)} prompts")
     with tempfile.TemporaryDirectory() as scratch, Engine() as engine:
-        for name in SCHEDULERS:
+        for name in args.schedulers.split(","):
             model = str(model_with_scheduler(Path(scratch), name))
 
             def run(strategy: str, devices: str, options: dict, prompt: str, model: str = model):
