@@ -234,8 +234,8 @@ def test_every_strategy_runs_or_is_refused_at_plan_time_with_its_reason(shared_e
         "context-parallel",
     }
     assert "HunyuanVideo15Transformer3DModel" in refused["asyncdiff"]
-    assert "not 'hunyuanvideo15' pipelines" in refused["distrifusion"]
-    assert "not 'hunyuanvideo15' pipelines" in refused["pcpp"]
+    assert "declare them, not 'hunyuanvideo15'" in refused["distrifusion"]
+    assert "declare them, not 'hunyuanvideo15'" in refused["pcpp"]
     assert "separate calls" in refused["cfg-parastep"]
     assert (
         "FirstBlockCache finds nothing to cache in HunyuanVideo15Transformer3DModel" in refused["cache-fbc"]

@@ -225,8 +225,8 @@ def test_every_strategy_runs_or_is_refused_at_plan_time_with_its_reason(shared_e
 
 REFUSED = {  # strategy -> a phrase of the reason it gives at plan time
     "asyncdiff": "this model's denoiser is StableAudioDiTModel",
-    "distrifusion": "not 'stable-audio' pipelines",
-    "pcpp": "not 'stable-audio' pipelines",
+    "distrifusion": "declare them, not 'stable-audio'",
+    "pcpp": "declare them, not 'stable-audio'",
     "cache-fbc": "FirstBlockCache finds nothing to cache in StableAudioDiTModel",
     "cache-mag": "MagCache finds nothing to cache in StableAudioDiTModel",
     "cache-faster": "this app knows them for CogVideoXTransformer3DModel only",
