@@ -6,6 +6,7 @@ Headless (no Qt). The CLI uses it in-process; the window talks to it in a backgr
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from engine.models import FamilyAdapter, adapter_for
 from engine.pending_decode import decode_command
 from engine.protocol import GenerationRequest, StageEvent
 from engine.strategies import strategy_class
-from engine.worker import Job
+from engine.worker import INJECT_STALL_ENV, Job
 from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, CancelFlag, WorkerGroup
 
 EventSink = Callable[[Any], None]
@@ -172,7 +173,10 @@ class Engine:
         if self._cancel.is_set():
             raise JobCancelled()
         try:
-            payload = group.run(Job(job_id, plan.request, previews), sink)
+            options = (
+                {"inject_stall": os.environ[INJECT_STALL_ENV]} if os.environ.get(INJECT_STALL_ENV) else {}
+            )
+            payload = group.run(Job(job_id, plan.request, previews, options), sink)
         except WorkerFailure:
             self.group = None  # already torn down; the next job starts a new group
             raise
