@@ -23,7 +23,7 @@ from engine.pending_decode import decode_command
 from engine.protocol import GenerationRequest, StageEvent
 from engine.strategies import strategy_class
 from engine.worker import INJECT_STALL_ENV, Job
-from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, CancelFlag, WorkerGroup
+from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, CancelFlag, WorkerGroup, clean_stale_rendezvous
 
 EventSink = Callable[[Any], None]
 
@@ -72,6 +72,7 @@ class Engine:
         self.group: WorkerGroup | None = None
         # Owned here, not by a group, so that a cancel during loading is not lost.
         self._cancel = CancelFlag()
+        clean_stale_rendezvous()  # left by an engine or CLI that was killed (SIGKILL)
 
     # ---- planning (no workers) ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> Plan:
