@@ -19,7 +19,7 @@ from engine.devices import format_devices, parse_devices
 from engine.errors import JobCancelled, UserError, WorkerFailure
 from engine.loading import check_weights
 from engine.models import FamilyAdapter, adapter_for
-from engine.pending_decode import decode_command
+from engine.pending_decode import clip_folder, decode_command
 from engine.protocol import GenerationRequest, StageEvent
 from engine.strategies import strategy_class
 from engine.worker import INJECT_STALL_ENV, Job
@@ -174,9 +174,11 @@ class Engine:
         if self._cancel.is_set():
             raise JobCancelled()
         try:
-            options = (
-                {"inject_stall": os.environ[INJECT_STALL_ENV]} if os.environ.get(INJECT_STALL_ENV) else {}
-            )
+            # Where the clip goes, as this process sees it: the latents' second place if the state
+            # folder cannot hold them.
+            options = {"output_folder": str(clip_folder(plan.request))}
+            if os.environ.get(INJECT_STALL_ENV):
+                options["inject_stall"] = os.environ[INJECT_STALL_ENV]
             payload = group.run(Job(job_id, plan.request, previews, options), sink)
         except WorkerFailure:
             self.group = None  # already torn down; the next job starts a new group

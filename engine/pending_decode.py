@@ -43,10 +43,12 @@ def save_pending(
     model_path: Path,
     job_id: str,
     log: Callable[[str], None] = lambda message: None,
+    output_folder: Path | None = None,
 ) -> Path:
     """Writes the latents (safetensors, with the request in its metadata) atomically: in the state
     folder, else (full, read-only) next to the output; if neither can hold them, fails before the
-    decode with both reasons rather than decode a run it could not keep."""
+    decode with both reasons rather than decode a run it could not keep. `output_folder`: where the
+    clip goes, as the engine resolved it (a worker's environment may be older than the engine's)."""
     from safetensors.torch import save
 
     metadata = {"request": json.dumps(request.to_dict()), "model_path": str(model_path)}
@@ -54,7 +56,7 @@ def save_pending(
     data = save({"latents": latents.detach().contiguous().cpu()}, metadata=metadata)
     places = [
         (pending_dir(), f"{job_id}.safetensors"),
-        (_output_folder(request), f"parastep-latents-{job_id}.safetensors"),
+        (output_folder or clip_folder(request), f"parastep-latents-{job_id}.safetensors"),
     ]
     reasons = []
     for folder, name in places:
@@ -85,7 +87,7 @@ def save_pending(
     )
 
 
-def _output_folder(request: GenerationRequest) -> Path:
+def clip_folder(request: GenerationRequest) -> Path:
     """The folder the clip goes to (engine.outputs.plan_output's rule, without creating anything)."""
     from engine.outputs import default_output_dir
 

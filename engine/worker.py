@@ -16,6 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from engine.catalog import ModelEntry
@@ -201,8 +202,14 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
     if latents is not None:
         # Before the stage is announced: from then on the engine can say where they are if the decode
         # stalls or the user interrupts it.
+        folder = job.options.get("output_folder")
         pending = save_pending(
-            latents, request, spec.entry.path, job.job_id, lambda m: emit(LogEvent(job.job_id, m))
+            latents,
+            request,
+            spec.entry.path,
+            job.job_id,
+            lambda m: emit(LogEvent(job.job_id, m)),
+            Path(folder) if folder else None,
         )
         results.put(("pending", rank, str(pending)))
     emit(StageEvent(job.job_id, "decode"))
