@@ -39,9 +39,8 @@ def rank_1_stops_while_loading(spec, commands, results, cancel) -> None:
 
 def test_a_load_that_stalls_names_the_rank_that_did_not_finish(monkeypatch):
     monkeypatch.setattr(worker_group, "worker_main", rank_1_stops_while_loading)
-    monkeypatch.setattr(
-        worker_group, "LOAD_TIMEOUT_S", 30.0
-    )  # rank 1 must reach its SIGSTOP (torch imported) first
+    # Long enough for rank 1 to import torch and reach its SIGSTOP on a loaded machine.
+    monkeypatch.setattr(worker_group, "LOAD_TIMEOUT_S", 30.0)
     entry = ModelCatalog().resolve("tiny-cogvideox")
     group = worker_group.WorkerGroup(entry, ["cpu", "cpu"], "auto", 30.0, worker_group.CancelFlag())
     with pytest.raises(WorkerFailure) as info:
