@@ -35,10 +35,12 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = float(os.environ.get("PARASTEP_COLLECTIVE_TIMEOUT
 LOAD_TIMEOUT_S = float(os.environ.get("PARASTEP_LOAD_TIMEOUT_S", "900"))
 ERROR_GRACE_S = 2.0  # after one rank fails, how long its peers get to report before they are stopped
 # While a job runs, no message from any rank for max(floor, factor x the slowest step seen) means a
-# stalled rank. Generous on purpose: a false alarm throws a run away. Read at every job.
+# stalled rank, unless a CPU worker's CPU time grew meanwhile (slow, not stalled: a full-size model's
+# step on a CPU takes minutes). Generous on purpose: a false alarm throws a run away. Read at every job.
 WATCHDOG_FACTOR_ENV, DEFAULT_WATCHDOG_FACTOR = "PARASTEP_WATCHDOG_FACTOR", 30.0
 WATCHDOG_FLOOR_ENV, DEFAULT_WATCHDOG_FLOOR_S = "PARASTEP_WATCHDOG_FLOOR_S", 300.0
 RENDEZVOUS_PREFIX = "parastep-rendezvous-"  # then the engine's PID, so a stale folder can be told apart
+BUSY_CPU_SHARE = 0.02  # of the quiet time, spent computing: far above a worker that waits or is stopped
 STAGE_DOING = {"encode": "encoding the prompt", "denoise": "denoising", "decode": "decoding"}
 
 
@@ -71,6 +73,15 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) a process used so far; 0 if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _process_state(pid: int | None) -> str:
@@ -163,8 +174,8 @@ class WorkerGroup:
                 name=f"parastep-worker-{rank}",
                 daemon=True,
             )
-            self.commands.append(commands)
             process.start()
+            self.commands.append(commands)
             self.processes.append(process)
         loaded: set[int] = set()
         deadline = time.monotonic() + LOAD_TIMEOUT_S
@@ -253,6 +264,7 @@ class WorkerGroup:
         steps = dict.fromkeys(range(self.world_size), 0)
         last_step: dict[int, float] = {}
         slowest_step = 0.0
+        cpu = {r: _cpu_seconds(p.pid) for r, p in enumerate(self.processes)}  # at each rank's last sign
         stage = "starting the job"
         deadline = None
         while len(payloads) + len(cancelled) + len(errors) + len(peer_errors) < self.world_size:
@@ -281,6 +293,16 @@ class WorkerGroup:
             if message is None:
                 silent = [r for r in heard if r not in payloads and r not in cancelled]
                 quiet = time.monotonic() - max(heard.values())
+                busy = [
+                    r
+                    for r in silent
+                    if self.devices[r] == "cpu"
+                    and _cpu_seconds(self.processes[r].pid) - cpu[r] > BUSY_CPU_SHARE * quiet
+                ]
+                if busy:  # computing: a sign of progress
+                    for r in busy:
+                        heard[r], cpu[r] = time.monotonic(), _cpu_seconds(self.processes[r].pid)
+                    continue
                 raise self._stall(
                     job,
                     silent,
@@ -292,6 +314,7 @@ class WorkerGroup:
                 )
             kind, rank, body = message
             heard[rank] = now = time.monotonic()
+            cpu[rank] = _cpu_seconds(self.processes[rank].pid)
             if kind == "event":
                 if isinstance(body, StepEvent):
                     if rank in last_step:
