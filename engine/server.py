@@ -680,7 +680,7 @@ class EngineServer:
         """Runs queued jobs one by one until the engine stops.
 
         Workers are started (by Engine.run) and stopped only in this thread, which lives as long as
-        the engine: they die with the thread that started them (PR_SET_PDEATHSIG in engine.worker).
+        the engine: they die with the thread that started them (PR_SET_PDEATHSIG in engine.worker_entry).
         """
         assert self.queue is not None
         try:
