@@ -208,26 +208,33 @@ def test_ctrl_c_during_decode_says_where_the_latents_are_and_the_command_saves_t
     assert clip.parent == _output_dir and read_request(clip).steps == 40 and not kept[0].exists()
 
 
-def test_an_engine_killed_while_its_workers_start_leaves_nothing(tmp_path, runs):
+# Mid-denoise: tests/test_server.py::test_killed_engine_leaves_an_interrupted_job_that_requeue_runs.
+@pytest.mark.parametrize("stage", ["spawning", "loading", "decoding"])
+def test_a_killed_engine_leaves_no_worker_and_the_next_one_no_file(tmp_path, runs, stage):
     socket = tmp_path / "sock" / "engine.sock"
     command = ["-m", "app.engine_main", "--socket", str(socket)]
-    first = Run(tmp_path, command)
+    extra = {INJECT_STALL_ENV: "decode@0"} if stage == "decoding" else {}
+    first = Run(tmp_path, command, **extra)
     runs.append(first)
     client = EngineClient.connect(socket, timeout=60)
     client.hello()
-    client.submit(
+    job_id = client.submit(
         {
             "model": "tiny-cogvideox",
             "frames": 9,
             "height": 64,
             "width": 96,
-            "steps": 6,
+            "steps": 40,
             "strategy": "parastep",
             "strategy_options": {"warmup": 1},
             "devices": "cpu:2",
         }
     )
-    first.wait_for_stage("spawning")
+    if stage == "decoding":
+        client.wait_for("stage", START_TIMEOUT_S, job_id=job_id, stage="decode")
+    else:
+        first.wait_for_stage(stage)
+    assert _workers(first.mark)
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(30)
     client.close()
