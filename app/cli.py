@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -152,6 +154,10 @@ def print_json(data: Any) -> None:
     print(json.dumps(json_safe(data), indent=2))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pull"]:  # needs no torch: skip the parser, which imports the strategies
@@ -159,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return pull_command.main(argv[1:])
     args = build_parser().parse_args(argv)
+    previous = {}
+    if args.command in ("generate", "compare") and threading.current_thread() is threading.main_thread():
+        # A closed terminal or a `kill` stops the workers and removes their files, as Ctrl-C does.
+        previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run(args)
     except UserError as exc:
@@ -170,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     except JobCancelled:
         print("cancelled", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print("\ninterrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -219,29 +232,36 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     with Engine(dtype=args.dtype) as engine:
         progress = ProgressPrinter(quiet=args.json)
-        if args.command == "generate":
-            request = request_from_args(args, args.strategy)
-            summary = engine.generate(request, progress, previews=not args.no_previews)
-            if args.json:
-                print_json(summary)
-            else:
-                print(f"\nsaved {summary['output']} (denoise {summary['timings']['denoise_s']:.2f} s)")
-            return 0
-        from engine.compare import compare, parse_strategy_specs
+        try:
+            return _run_jobs(args, engine, progress)
+        finally:
+            progress.end_line()  # an error or "interrupted" starts on a line of its own
 
-        request = request_from_args(args)
-        if request.output and not (request.output.endswith("/") or os.path.isdir(request.output)):
-            raise UserError(
-                f"compare writes one clip per strategy; --output '{request.output}' is not a folder.",
-                "Give a folder (ending in /) or leave --output out.",
-            )
-        specs = parse_strategy_specs(args.strategies, args.devices)
-        report = compare(engine, request, specs, progress, previews=not args.no_previews)
+
+def _run_jobs(args: argparse.Namespace, engine: Any, progress: ProgressPrinter) -> int:
+    if args.command == "generate":
+        request = request_from_args(args, args.strategy)
+        summary = engine.generate(request, progress, previews=not args.no_previews)
         if args.json:
-            print_json(report)
+            print_json(summary)
         else:
-            _print_table(report["rows"])
+            print(f"\nsaved {summary['output']} (denoise {summary['timings']['denoise_s']:.2f} s)")
         return 0
+    from engine.compare import compare, parse_strategy_specs
+
+    request = request_from_args(args)
+    if request.output and not (request.output.endswith("/") or os.path.isdir(request.output)):
+        raise UserError(
+            f"compare writes one clip per strategy; --output '{request.output}' is not a folder.",
+            "Give a folder (ending in /) or leave --output out.",
+        )
+    specs = parse_strategy_specs(args.strategies, args.devices)
+    report = compare(engine, request, specs, progress, previews=not args.no_previews)
+    if args.json:
+        print_json(report)
+    else:
+        _print_table(report["rows"])
+    return 0
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:

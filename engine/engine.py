@@ -6,6 +6,7 @@ Headless (no Qt). The CLI uses it in-process; the window talks to it in a backgr
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -19,11 +20,11 @@ from engine.errors import JobCancelled, UserError, WorkerFailure
 from engine.loading import check_configs, check_weights
 from engine.loras import check_loras
 from engine.models import FamilyAdapter, adapter_for
-from engine.pending_decode import decode_command
+from engine.pending_decode import clip_folder, decode_command
 from engine.protocol import GenerationRequest, StageEvent
 from engine.strategies import strategy_class
-from engine.worker import Job
-from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, CancelFlag, WorkerGroup
+from engine.worker import INJECT_STALL_ENV, Job
+from engine.worker_group import DEFAULT_COLLECTIVE_TIMEOUT_S, CancelFlag, WorkerGroup, clean_stale_rendezvous
 
 EventSink = Callable[[Any], None]
 
@@ -72,6 +73,7 @@ class Engine:
         self.group: WorkerGroup | None = None
         # Owned here, not by a group, so that a cancel during loading is not lost.
         self._cancel = CancelFlag()
+        clean_stale_rendezvous()  # left by an engine or CLI that was killed (SIGKILL)
 
     # ---- planning (no workers) ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> Plan:
@@ -181,7 +183,12 @@ class Engine:
         if self._cancel.is_set():
             raise JobCancelled()
         try:
-            payload = group.run(Job(job_id, plan.request, previews), sink)
+            # Where the clip goes, as this process sees it: the latents' second place if the state
+            # folder cannot hold them.
+            options = {"output_folder": str(clip_folder(plan.request))}
+            if os.environ.get(INJECT_STALL_ENV):
+                options["inject_stall"] = os.environ[INJECT_STALL_ENV]
+            payload = group.run(Job(job_id, plan.request, previews, options), sink)
         except WorkerFailure:
             self.group = None  # already torn down; the next job starts a new group
             raise

@@ -16,3 +16,7 @@ class JobCancelled(Exception):
 
 class WorkerFailure(Exception):
     """A worker process died or a collective timed out; the worker group must be restarted."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a job after its final latents were kept; says where, and the fix."""

@@ -37,18 +37,64 @@ def decode_command(pending: Path, request: GenerationRequest) -> str:
     return command
 
 
-def save_pending(latents: Any, request: GenerationRequest, model_path: Path, job_id: str) -> Path:
-    """Writes the latents (safetensors, with the request in its metadata) atomically."""
-    from safetensors.torch import save_file
+def save_pending(
+    latents: Any,
+    request: GenerationRequest,
+    model_path: Path,
+    job_id: str,
+    log: Callable[[str], None] = lambda message: None,
+    output_folder: Path | None = None,
+) -> Path:
+    """Writes the latents (safetensors, with the request in its metadata) atomically: in the state
+    folder, else (full, read-only) next to the output; if neither can hold them, fails before the
+    decode with both reasons rather than decode a run it could not keep. `output_folder`: where the
+    clip goes, as the engine resolved it (a worker's environment may be older than the engine's)."""
+    from safetensors.torch import save
 
-    folder = pending_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{job_id}.safetensors"
-    temporary = path.with_suffix(".partial")
     metadata = {"request": json.dumps(request.to_dict()), "model_path": str(model_path)}
-    save_file({"latents": latents.detach().contiguous().cpu()}, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
-    return path
+    # Written by Python, not safetensors.save_file, which returned without an error on a full disk.
+    data = save({"latents": latents.detach().contiguous().cpu()}, metadata=metadata)
+    places = [
+        (pending_dir(), f"{job_id}.safetensors"),
+        (output_folder or clip_folder(request), f"parastep-latents-{job_id}.safetensors"),
+    ]
+    reasons = []
+    for folder, name in places:
+        path = folder / name
+        temporary = path.with_suffix(".partial")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except OSError as exc:
+            try:  # a partial file on a full disk
+                temporary.unlink(missing_ok=True)
+            except OSError:
+                pass
+            reasons.append(f"{folder} ({exc.strerror or exc})")
+            continue
+        if reasons:
+            log(f"The final latents could not be kept in {reasons[0]}; they are in {path} instead.")
+        return path
+    raise UserError(
+        f"The final latents could not be written to {reasons[0]} nor next to the output in {reasons[1]}; "
+        "the job stopped before the decode.",
+        f"Free space in {pending_dir()} (or set PARASTEP_STATE_DIR to a folder with room), then run "
+        "it again.",
+    )
+
+
+def clip_folder(request: GenerationRequest) -> Path:
+    """The folder the clip goes to (engine.outputs.plan_output's rule, without creating anything)."""
+    from engine.outputs import default_output_dir
+
+    if not request.output:
+        return default_output_dir()
+    path = Path(request.output).expanduser()
+    return path if request.output.endswith(("/", os.sep)) or path.is_dir() else path.parent
 
 
 def load_pending(path: str | Path) -> tuple[Any, GenerationRequest, Path]:

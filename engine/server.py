@@ -127,15 +127,22 @@ class _Client:
 
 def _acquire_lock(path: Path, busy: str, fix: str) -> int:
     """An exclusive flock on `path` for the life of this process (the kernel drops it if we die)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        finally:
-            os.close(fd)
-        raise UserError(busy + (f" (pid {holder})." if holder.isdigit() else "."), fix) from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            raise UserError(busy + (f" (pid {holder})." if holder.isdigit() else "."), fix) from None
+        try:  # the holder removes the file on exit: the lock counts only if the path is still this file
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
     return fd
@@ -165,7 +172,7 @@ class EngineServer:
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._locks: list[int] = []
+        self._locks: list[tuple[int, Path]] = []
         self._socket_ino: int | None = None
         self._engine: Any = None  # engine.engine.Engine, made by the runner thread
         self._runner: threading.Thread | None = None
@@ -197,19 +204,27 @@ class EngineServer:
         path = self.socket_path
         prepare_socket_folder(path)
         try:
+            lock = path.with_name(path.name + ".lock")
             self._locks.append(
-                _acquire_lock(
-                    path.with_name(path.name + ".lock"),
-                    f"Another engine is already running on {path}",
-                    "Connect to it, or stop it (send 'shutdown') before starting a new one.",
+                (
+                    _acquire_lock(
+                        lock,
+                        f"Another engine is already running on {path}",
+                        "Connect to it, or stop it (send 'shutdown') before starting a new one.",
+                    ),
+                    lock,
                 )
             )
             self.queue_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = self.queue_path.with_name(self.queue_path.name + ".lock")
             self._locks.append(
-                _acquire_lock(
-                    self.queue_path.with_name(self.queue_path.name + ".lock"),
-                    f"Another engine is already using the queue {self.queue_path}",
-                    "Stop it first, or point PARASTEP_STATE_DIR at another folder.",
+                (
+                    _acquire_lock(
+                        lock,
+                        f"Another engine is already using the queue {self.queue_path}",
+                        "Stop it first, or point PARASTEP_STATE_DIR at another folder.",
+                    ),
+                    lock,
                 )
             )
             self._listener = self._bind(path)
@@ -334,7 +349,11 @@ class EngineServer:
         _log("stopped")
 
     def _release_locks(self) -> None:
-        for fd in self._locks:
+        for fd, path in self._locks:
+            try:  # removed while still held: a new engine then locks a new file (see _acquire_lock)
+                path.unlink()
+            except OSError:
+                pass
             os.close(fd)
         self._locks = []
 
@@ -705,7 +724,7 @@ class EngineServer:
         """Runs queued jobs one by one until the engine stops.
 
         Workers are started (by Engine.run) and stopped only in this thread, which lives as long as
-        the engine: they die with the thread that started them (PR_SET_PDEATHSIG in engine.worker).
+        the engine: they die with the thread that started them (PR_SET_PDEATHSIG in engine.worker_entry).
         """
         assert self.queue is not None
         try:

@@ -1,19 +1,22 @@
 """The worker process: one per device, holding a pipeline replica, running the jobs it is sent.
 
 Messages to the engine go through one queue as tuples: ("loaded", rank, info), ("event", rank,
-event), ("done", rank, payload), ("cancelled", rank, None), ("error", rank, message).
+event), ("pending", rank, path of the kept final latents), ("done", rank, payload), ("cancelled",
+rank, None), ("error", rank, message), ("peer_error", rank, message): a collective failed, most
+likely because a peer died or stalled (the engine then names that peer).
+
+Spawned through engine.worker_entry, which ties the process to the engine's life first.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from engine.catalog import ModelEntry
@@ -26,6 +29,9 @@ from engine.protocol import GenerationRequest, LogEvent, PreviewEvent, StageEven
 # memory after that denoising step.
 INJECT_LOOP_OOM_ENV = "PARASTEP_INJECT_LOOP_OOM"
 _loop_oom = {"armed": True}
+# Tests: "decode" or "step:N@RANK" (read by the engine into Job.options, so a warm group obeys it): that
+# rank stops itself (SIGSTOP) there, as a hung driver or a suspended process would.
+INJECT_STALL_ENV = "PARASTEP_INJECT_STALL"
 
 
 @dataclass
@@ -47,18 +53,7 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker if the engine dies, so no worker is ever orphaned."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
 def worker_main(spec: WorkerSpec, commands: Any, results: Any, cancel: Any) -> None:
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the engine, which stops the group
     import torch
 
     if spec.device == "cpu":
@@ -100,7 +95,8 @@ def worker_main(spec: WorkerSpec, commands: Any, results: Any, cancel: Any) -> N
         except JobCancelled:
             results.put(("cancelled", spec.rank, None))
         except Exception as exc:
-            results.put(("error", spec.rank, _describe(exc)))
+            kind = "peer_error" if spec.world_size > 1 and _collective_failure(exc) else "error"
+            results.put((kind, spec.rank, _describe(exc)))
     if spec.world_size > 1:
         import torch.distributed as dist
 
@@ -134,6 +130,7 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
 
     def on_step(report: StepReport) -> None:
         _maybe_inject_loop_oom(report.step, rank)
+        _maybe_stall(job, f"step:{report.step}", rank, results)
         marks["denoise_end"] = time.perf_counter()
         emit(
             StepEvent(
@@ -201,17 +198,29 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
         return payload
     if cancel.is_set():
         raise JobCancelled()  # skip the decode
-    emit(StageEvent(job.job_id, "decode"))
     # A generic pipeline decoded inside its own call, after the last step.
     decode_start = loop_end if decodes_in_pipeline else time.perf_counter()
     pending = None
+    latents = None if decodes_in_pipeline else (result.frames if hasattr(result, "frames") else result.audios)
+    if latents is not None:
+        # Before the stage is announced: from then on the engine can say where they are if the decode
+        # stalls or the user interrupts it.
+        folder = job.options.get("output_folder")
+        pending = save_pending(
+            latents,
+            request,
+            spec.entry.path,
+            job.job_id,
+            lambda m: emit(LogEvent(job.job_id, m)),
+            Path(folder) if folder else None,
+        )
+        results.put(("pending", rank, str(pending)))
+    emit(StageEvent(job.job_id, "decode"))
+    _maybe_stall(job, "decode", rank, results)
     with torch.inference_mode():
         if decodes_in_pipeline:
-            latents = None
             output = adapter.decoded_output(result)
         else:
-            latents = result.frames if hasattr(result, "frames") else result.audios
-            pending = save_pending(latents, request, spec.entry.path, job.job_id)
             try:
                 output = decode_with_fallback(
                     lambda p, x: adapter.decode(p, x, request),
@@ -253,6 +262,30 @@ def _maybe_inject_loop_oom(step: int, rank: int) -> None:
 
         _loop_oom["armed"] = False
         raise torch.OutOfMemoryError(f"injected for a test at step {step}")
+
+
+def _maybe_stall(job: Job, where: str, rank: int, results: Any) -> None:
+    spec = job.options.get("inject_stall") or ""
+    at, _, on_rank = spec.partition("@")
+    if at == where and (not on_rank or int(on_rank) == rank):
+        deadline = time.monotonic() + 5.0  # let the queue's feeder thread send what was put, first
+        while getattr(results, "_buffer", None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    """A collective that timed out or lost its peer: a symptom on this rank, not the cause."""
+    if isinstance(exc, UserError):
+        return False
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+        return True
+    text = str(exc).lower()
+    return any(
+        sign in text
+        for sign in ("gloo", "nccl", "timed out", "connection closed by peer", "connection reset by peer")
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,8 +1,9 @@
-"""The worker group notices a worker that dies while the model loads, instead of waiting it out."""
+"""The worker group notices a worker that dies or stalls while the model loads, instead of waiting it out."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -26,3 +27,25 @@ def test_a_worker_dying_during_loading_fails_the_start_promptly(monkeypatch):
         group.start()
     assert time.monotonic() - start < worker_group.LOAD_TIMEOUT_S / 4
     assert not group.alive()
+
+
+def rank_1_stops_while_loading(spec, commands, results, cancel) -> None:
+    """Rank 0 loads at once; rank 1 is stopped (SIGSTOP) before it reports, as a hung driver would."""
+    if spec.rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    results.put(("loaded", spec.rank, {"load_s": 0.0}))
+    commands.get()
+
+
+def test_a_load_that_stalls_names_the_rank_that_did_not_finish(monkeypatch):
+    monkeypatch.setattr(worker_group, "worker_main", rank_1_stops_while_loading)
+    # Long enough for rank 1 to import torch and reach its SIGSTOP on a loaded machine.
+    monkeypatch.setattr(worker_group, "LOAD_TIMEOUT_S", 30.0)
+    entry = ModelCatalog().resolve("tiny-cogvideox")
+    group = worker_group.WorkerGroup(entry, ["cpu", "cpu"], "auto", 30.0, worker_group.CancelFlag())
+    with pytest.raises(WorkerFailure) as info:
+        group.start()
+    message = str(info.value)
+    assert "took more than 30 s; rank 1 (cpu) had not finished" in message
+    assert "Fix:" in message and "PARASTEP_LOAD_TIMEOUT_S" in message
+    assert not group.alive() and not group.processes
