@@ -13,6 +13,16 @@ The strategies follow ../shared/DESIGN.md. Stated assumptions, the same for ever
   (`ceil(log2 N)` latencies plus the bytes once);
 - ParaStep does not overlap communication with compute (as implemented here and published); AsyncDiff
   and DistriFusion overlap theirs with the next compute, as published.
+
+Two loop shapes (engine/strategies/base.py). Batched (CogVideoX, SVD, AudioLDM2): one denoiser call per
+step holds both guidance halves. Separate calls (Wan, `guidance_calls` 2): the loop calls the denoiser
+once per guidance pass; then `denoise_s` is all of a step's calls, `half_denoise_s` one call,
+`prediction_bytes` all of a step's outputs (ParaStep sends them as `guidance_calls` messages), and
+CFG-parallel runs step 0 whole on both ranks with no exchange (engine.strategies.cfg_parallel).
+A multistep scheduler's state (UniPC: two model outputs and the last sample, `solver_tensors` 3, each
+latent-sized) rides on ParaStep's round-end broadcast with `sync_solver` 1 (the default): one more
+broadcast of `latent_bytes` per tensor. `refused` names the strategies the engine refuses for the
+family (the plan-time checks); `project` leaves them out.
 """
 
 from __future__ import annotations
@@ -69,6 +79,9 @@ class StepProfile:
     activation_bytes: int  # tensors crossing one AsyncDiff cut per step (hidden states, skips)
     kv_bytes: int  # keys and values of every spatial self-attention layer per step (DistriFusion)
     source: str = ""  # how the numbers were obtained: measured (device), estimate, CPU-reduced
+    guidance_calls: int = 1  # denoiser calls per step: 1 = both halves batched; 2 = separate (Wan)
+    solver_tensors: int = 0  # latent-sized tensors a multistep scheduler carries (UniPC order 2: 3)
+    refused: tuple[str, ...] = ()  # strategies the engine refuses for this family: not projected
 
     @property
     def step_s(self) -> float:
@@ -84,36 +97,54 @@ def ideal_parastep_speedup(steps: int, warmup: int, devices: int) -> float:
     return steps / (warmup + rounds)
 
 
-def parastep_loop_s(profile: StepProfile, steps: int, warmup: int, devices: int, link: Link) -> float:
+def parastep_loop_s(
+    profile: StepProfile, steps: int, warmup: int, devices: int, link: Link, sync_solver: bool = True
+) -> float:
     """ParaStep's loop: W warm-up steps, then rounds of N.
 
-    A round of n steps: every rank runs one denoiser call at once; rank 0 then applies n scheduler steps,
-    receiving the n-1 predictions one after another over its link; unless it is the last round, rank 0
-    broadcasts its latent and every step before it a one-byte cancel flag (engine.strategies.parastep).
+    A round of n steps: every rank runs one step's denoiser calls at once; rank 0 then applies n
+    scheduler steps, receiving the n-1 predictions one after another over its link (one message per
+    call of a step); unless it is the last round, rank 0 broadcasts its latent (and, with
+    `sync_solver`, each of the scheduler's `solver_tensors`), and every step before it a one-byte
+    cancel flag (engine.strategies.parastep).
     """
     if devices == 1:
         return profile.sequential_loop_s(steps)
+    calls = max(1, profile.guidance_calls)
+    receive_s = calls * link.message_s(profile.prediction_bytes / calls)
+    broadcasts = 1 + (profile.solver_tensors if sync_solver else 0)
     flag_s = link.collective_s(1, devices)
     total = min(warmup, steps) * profile.step_s + min(warmup, steps - 1) * flag_s
     starts = list(range(warmup, steps, devices))
     for index, start in enumerate(starts):
         size = min(devices, steps - start)
-        total += (
-            profile.denoise_s + size * profile.loop_s + (size - 1) * link.message_s(profile.prediction_bytes)
-        )
+        total += profile.denoise_s + size * profile.loop_s + (size - 1) * receive_s
         if index < len(starts) - 1:
-            total += link.collective_s(profile.latent_bytes, devices) + flag_s
+            total += broadcasts * link.collective_s(profile.latent_bytes, devices) + flag_s
     return total
 
 
 def cfg_parallel_loop_s(profile: StepProfile, steps: int, devices: int, link: Link) -> float | None:
-    """Unconditional and conditional halves on two ranks, the halves all-gathered each step. N=2 only."""
+    """Unconditional and conditional halves on two ranks, the halves all-gathered each step. N=2 only.
+
+    Separate calls (`guidance_calls` > 1): step 0 runs every call on both ranks (no exchange); from
+    step 1 the calls go in pairs, one per rank, each pair's two outputs all-gathered; an odd last call
+    runs on both ranks."""
     if devices == 1:
         return profile.sequential_loop_s(steps)
     if devices != 2:
         return None
-    gather_s = link.collective_s(profile.prediction_bytes / 2, devices)
-    return steps * (profile.half_denoise_s + profile.loop_s + gather_s)
+    calls = profile.guidance_calls
+    if calls <= 1:
+        gather_s = link.collective_s(profile.prediction_bytes / 2, devices)
+        return steps * (profile.half_denoise_s + profile.loop_s + gather_s)
+    pairs, odd = divmod(calls, 2)
+    paired_step = (
+        (pairs + odd) * profile.half_denoise_s
+        + profile.loop_s
+        + pairs * link.collective_s(profile.prediction_bytes / calls, devices)
+    )
+    return min(steps, 1) * profile.step_s + max(steps - 1, 0) * paired_step
 
 
 def asyncdiff_loop_s(
@@ -163,7 +194,9 @@ class Projection:
 def project(
     profile: StepProfile, steps: int, warmup: int, devices: tuple[int, ...] = (2, 4, 8), links=LINKS
 ) -> list[Projection]:
-    """Every strategy at every N over every link; CFG-parallel only where it applies (N=2)."""
+    """Every strategy at every N over every link; CFG-parallel only where it applies (N=2), none of the
+    profile's `refused` ones. With a multistep scheduler (`solver_tensors`), also ParaStep with
+    `sync_solver` 0 ("parastep-own-history": the latent alone is broadcast)."""
     sequential = profile.sequential_loop_s(steps)
     fixed = profile.encode_s + profile.decode_s
     rows = []
@@ -175,8 +208,12 @@ def project(
                 "asyncdiff": asyncdiff_loop_s(profile, steps, n, link),
                 "distrifusion": distrifusion_loop_s(profile, steps, n, link),
             }
+            if profile.solver_tensors and "parastep" not in profile.refused:
+                candidates["parastep-own-history"] = parastep_loop_s(
+                    profile, steps, warmup, n, link, sync_solver=False
+                )
             for strategy, loop in candidates.items():
-                if loop is None:
+                if loop is None or strategy in profile.refused:
                     continue
                 rows.append(
                     Projection(
@@ -186,7 +223,11 @@ def project(
                         loop_s=loop,
                         loop_speedup=sequential / loop,
                         end_to_end_speedup=(sequential + fixed) / (loop + fixed),
-                        ideal=ideal_parastep_speedup(steps, warmup, n) if strategy == "parastep" else None,
+                        ideal=(
+                            ideal_parastep_speedup(steps, warmup, n)
+                            if strategy.startswith("parastep")
+                            else None
+                        ),
                     )
                 )
     return rows

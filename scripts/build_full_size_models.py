@@ -3,7 +3,8 @@
     .venv/bin/python scripts/build_full_size_models.py [NAME ...] --out DIR [--layout folder|hf-cache]
         [--reduced] [--device cpu|cuda] [--dtype auto|fp32|fp16|bf16] [--force]
 
-NAME is any of cogvideox-2b, svd, svd-xt, audioldm2-large (default: all). Each pipeline is written in
+NAME is any of cogvideox-2b, svd, svd-xt, audioldm2-large, wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.2-t2v-a14b,
+wan2.2-ti2v-5b (default: all). Each pipeline is written in
 diffusers layout with safetensors weights:
 
 * ``--layout folder`` (default): ``DIR/<name>/model_index.json, transformer/, ...``, a local folder that
@@ -83,6 +84,31 @@ _SVD_REDUCED: dict[str, dict[str, Any]] = {
     },
 }
 
+# Wan (2.1 T2V 1.3B/14B, 2.2 T2V A14B, 2.2 TI2V 5B): UMT5 text encoder, WanTransformer3DModel (two of them
+# for A14B), AutoencoderKLWan. Reduced: text_dim = the encoder's d_model; head_dim a multiple of 6 (rope).
+_WAN_TRANSFORMER_REDUCED: dict[str, Any] = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "text_dim": 64,
+    "freq_dim": 64,
+    "rope_max_seq_len": 64,
+}
+_WAN_REDUCED: dict[str, dict[str, Any]] = {
+    "transformer": _WAN_TRANSFORMER_REDUCED,
+    "transformer_2": _WAN_TRANSFORMER_REDUCED,
+    "text_encoder": {
+        "d_model": 64,
+        "d_ff": 128,
+        "d_kv": 32,
+        "num_heads": 2,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+    },
+    "vae": {"base_dim": 16, "num_res_blocks": 1},
+}
+
 MODELS: dict[str, ModelSpec] = {
     "cogvideox-2b": ModelSpec(
         "THUDM/CogVideoX-2b",
@@ -133,7 +159,16 @@ MODELS: dict[str, ModelSpec] = {
             "projection_model": {"text_encoder_dim": 32, "text_encoder_1_dim": 64, "langauge_model_dim": 64},
         },
     ),
+    "wan2.1-t2v-1.3b": ModelSpec("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "bf16", _WAN_REDUCED),
+    "wan2.1-t2v-14b": ModelSpec("Wan-AI/Wan2.1-T2V-14B-Diffusers", "bf16", _WAN_REDUCED),
+    "wan2.2-t2v-a14b": ModelSpec("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "bf16", _WAN_REDUCED),
+    "wan2.2-ti2v-5b": ModelSpec(
+        "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        "bf16",
+        {**_WAN_REDUCED, "vae": {"base_dim": 16, "decoder_base_dim": 32, "num_res_blocks": 1}},
+    ),
 }
+WAN_MODELS = tuple(name for name in MODELS if name.startswith("wan"))
 
 # Components whose files are copied as published (no weights).
 _CONFIG_ONLY = ("Scheduler", "ImageProcessor", "FeatureExtractor")
@@ -311,6 +346,8 @@ TOKENIZERS = {  # (model, component) -> builder; model_max_length as the publish
     ("audioldm2-large", "tokenizer"): lambda: build_roberta_tokenizer(512),
     ("audioldm2-large", "tokenizer_2"): lambda: build_t5_tokenizer(128),
 }
+for _wan in WAN_MODELS:  # UMT5's 256,000 pieces + 300 sentinels (the encoder's vocab_size is 256,384)
+    TOKENIZERS[(_wan, "tokenizer")] = lambda: build_t5_tokenizer(512, pieces_total=256000, extra_ids=300)
 
 
 # --- one pipeline ---------------------------------------------------------------------------------
@@ -335,8 +372,8 @@ def build_pipeline_folder(
     target.mkdir(parents=True)
     summary: dict[str, Any] = {"model": name, "repo_id": spec.repo_id, "reduced": reduced, "components": {}}
     for component, entry in index.items():
-        if component.startswith("_") or not isinstance(entry, list):
-            continue
+        if component.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue  # settings (boundary_ratio, ...) and absent components (TI2V-5B's transformer_2)
         library, class_name = entry
         folder = target / component
         start = time.perf_counter()

@@ -2,6 +2,15 @@
 
     .venv/bin/python scripts/estimate_full_size.py [--models cogvideox-2b,svd,svd-xt,audioldm2-large]
         [--peak-tflops 989.4] [--efficiency 0.40] [--json FILE]
+    .venv/bin/python scripts/estimate_full_size.py --models wan2.1-t2v-1.3b,wan2.1-t2v-14b,wan2.2-t2v-a14b,...
+
+Wan (separate guidance calls, `WAN_RUNS`): one denoiser call is one guidance pass at batch 1, a step
+makes two; the latent is float32, the prediction a step sends is both calls' outputs in the transformer
+dtype, and ParaStep's round-end broadcast carries UniPC's latent-sized state too (counted by running
+the published scheduler on a small latent); AsyncDiff and DistriFusion are refused for the family
+(scripts/strategy_availability.py), so their sizes are not read. The VAE runs in float32 as the
+published example loads it: its FLOPs are charged at half the rate (TF32 tensor cores, which cuDNN
+uses for float32 convolutions by default, peak at half the bf16 rate).
 
 Each full-size component is built from resources/configs on PyTorch's meta device (the real module tree,
 no memory), and run once on meta tensors of the published shapes under `FlopCounterMode`: the FLOPs and the
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build_full_size_models import MODELS as BUILD_SPECS  # noqa: E402
-from build_full_size_models import component_config, model_index  # noqa: E402
+from build_full_size_models import ModelSpec, component_config, model_index  # noqa: E402
 from gpu_benchmarks import message_sizes, projection_table  # noqa: E402
 
 from engine.projection import PUBLISHED_PARASTEP, StepProfile  # noqa: E402
@@ -37,13 +47,26 @@ LAUNCH_S = 6e-6  # per kernel, eager PyTorch on a recent GPU
 LOOP_S = 2e-3  # scheduler step, guidance and Python per loop step
 
 
+# Checkpoints of which only the transformer and the VAE are transcribed (resources/configs/SOURCES.md):
+# estimated, never built. CogVideoX-5b's text encoder is CogVideoX-2b's T5-XXL (v1.1) encoder.
+ESTIMATE_ONLY = {"cogvideox-5b": ModelSpec("THUDM/CogVideoX-5b", "bf16", {})}
+BORROWED = {("cogvideox-5b", "text_encoder"): "cogvideox-2b"}
+
+
+def spec_for(name: str) -> ModelSpec:
+    return BUILD_SPECS[name] if name in BUILD_SPECS else ESTIMATE_ONLY[name]
+
+
 def skeleton(name: str, component: str, dtype: Any) -> Any:
     """The full-size component on the meta device."""
     import torch
 
-    spec = BUILD_SPECS[name]
-    library, class_name = model_index(spec)[component]
+    spec = spec_for(BORROWED.get((name, component), name))
     config = component_config(spec, component, reduced=False)
+    if (spec.configs / "model_index.json").is_file():
+        library, class_name = model_index(spec)[component]
+    else:  # transformer / VAE without a model_index: the class the config names
+        library, class_name = "diffusers", config["_class_name"]
     with torch.device("meta"):
         if library == "transformers":
             import transformers
@@ -89,7 +112,9 @@ def denoiser_inputs(name: str, dtype: Any) -> tuple[dict[str, Any], int]:
     """The published CFG-batched denoiser call, and the loop latent's element count."""
     import torch
 
-    if name == "cogvideox-2b":  # 49 frames 480x720 -> 13 latent frames 60x90, 16 channels; T5 226 tokens
+    if name.startswith(
+        "cogvideox"
+    ):  # 49 frames 480x720 -> 13 latent frames 60x90, 16 channels; T5 226 tokens
         return {
             "hidden_states": meta(2, 13, 16, 60, 90, dtype=dtype),
             "encoder_hidden_states": meta(2, 226, 4096, dtype=dtype),
@@ -121,7 +146,7 @@ def denoiser_inputs(name: str, dtype: Any) -> tuple[dict[str, Any], int]:
 
 def decode_call(name: str, dtype: Any) -> Any:
     """A function running the published decode on meta tensors."""
-    if name == "cogvideox-2b":
+    if name.startswith("cogvideox"):
         vae = skeleton(name, "vae", dtype)
         return lambda: vae.decode(meta(1, 16, 13, 60, 90, dtype=dtype)).sample
     if name in ("svd", "svd-xt"):
@@ -144,7 +169,7 @@ def encode_calls(name: str, dtype: Any) -> list[Any]:
     def ids(batch: int, length: int) -> Any:
         return torch.zeros(batch, length, dtype=torch.long, device="meta")
 
-    if name == "cogvideox-2b":
+    if name.startswith("cogvideox"):
         t5 = skeleton(name, "text_encoder", dtype)
         return [lambda: t5(input_ids=ids(2, 226))]
     if name in ("svd", "svd-xt"):
@@ -183,7 +208,7 @@ def estimate(name: str, peak_tflops: float, efficiency: float) -> dict[str, Any]
 
     from engine.strategies.base import split_output
 
-    dtype = torch.bfloat16 if BUILD_SPECS[name].dtype == "bf16" else torch.float16
+    dtype = torch.bfloat16 if spec_for(name).dtype == "bf16" else torch.float16
     rate = peak_tflops * 1e12 * efficiency
 
     def seconds(flops: float, kernels: int) -> float:
@@ -234,6 +259,227 @@ def profile(row: dict[str, Any], label: str) -> StepProfile:
     )
 
 
+# --- Wan: separate guidance calls --------------------------------------------------------------------
+
+# The published sampling of each checkpoint: size, frames and steps (guidance on: two calls per step).
+WAN_RUNS = {
+    # WanPipeline.__call__ defaults (diffusers 0.42.1): 81 frames, 480x832, 50 steps, guidance 5.0.
+    "wan2.1-t2v-1.3b": {"frames": 81, "height": 480, "width": 832, "steps": 50},
+    "wan2.1-t2v-14b": {"frames": 81, "height": 480, "width": 832, "steps": 50},
+    # Wan2.2 wan/configs/wan_t2v_A14B.py: sample_steps 40, 720p (1280x720) as the WanPipeline docstring
+    # example; 81 frames.
+    "wan2.2-t2v-a14b": {"frames": 81, "height": 720, "width": 1280, "steps": 40},
+    # Wan2.2 wan/configs/wan_ti2v_5B.py: 121 frames at 1280x704, 50 steps.
+    "wan2.2-ti2v-5b": {"frames": 121, "height": 704, "width": 1280, "steps": 50},
+}
+WAN_REFUSED = ("asyncdiff", "distrifusion")  # no blocks/rows declared for the family (plan-time refusal)
+TEXT_TOKENS = 512  # WanPipeline's max_sequence_length: prompts are padded to 512 tokens
+
+
+def wan_latent_shape(name: str) -> tuple[int, ...]:
+    spec = BUILD_SPECS[name]
+    vae = component_config(spec, "vae", reduced=False)
+    run = WAN_RUNS[name]
+    spatial = vae.get("scale_factor_spatial", 8)
+    temporal = vae.get("scale_factor_temporal", 4)
+    frames = (run["frames"] - 1) // temporal + 1
+    return (1, vae["z_dim"], frames, run["height"] // spatial, run["width"] // spatial)
+
+
+def wan_solver_tensors(name: str) -> int:
+    """Latent-sized tensors the published scheduler holds after two steps (what sync_solver broadcasts)."""
+    import diffusers
+    import torch
+
+    from engine.strategies.parastep import solver_state
+
+    spec = BUILD_SPECS[name]
+    config = read_json(spec.configs / "scheduler" / "scheduler_config.json")
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    scheduler.set_timesteps(10)
+    latent = torch.zeros(1, 4, 2, 4, 4)
+    for t in scheduler.timesteps[:3]:
+        latent = scheduler.step(torch.ones_like(latent), t, latent).prev_sample
+    return len(solver_state(scheduler, latent))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def wan_estimate(name: str, peak_tflops: float, efficiency: float) -> dict[str, Any]:
+    import torch
+
+    from engine.models.wan import WanAdapter
+    from engine.strategies.base import split_output
+
+    dtype = torch.bfloat16
+    rate = peak_tflops * 1e12 * efficiency
+
+    def seconds(flops: float, kernels: int, fp32: bool = False) -> float:
+        return max(flops / (rate / 2 if fp32 else rate), kernels * LAUNCH_S)
+
+    spec = BUILD_SPECS[name]
+    index = model_index(spec)
+    latent = wan_latent_shape(name)
+    transformer = skeleton(name, "transformer", dtype)
+    _, _, frames, height, width = latent
+    patch = transformer.config.patch_size
+    tokens = frames // patch[0] * (height // patch[1]) * (width // patch[2])
+    if index.get("expand_timesteps"):  # TI2V: a timestep per latent token
+        timestep = torch.zeros(1, tokens, device="meta")
+    else:
+        timestep = torch.zeros(1, device="meta")
+    inputs = {
+        "hidden_states": meta(*latent, dtype=dtype),
+        "timestep": timestep,
+        "encoder_hidden_states": meta(1, TEXT_TOKENS, transformer.config.text_dim, dtype=dtype),
+        "return_dict": False,
+    }
+    flops, kernels, output = count(lambda: transformer(**inputs))
+    call_bytes = split_output(output)[0].numel() * dtype.itemsize
+    parameters = sum(p.numel() for p in transformer.parameters())
+    experts = 2 if (index.get("transformer_2") or [None])[0] else 1
+
+    vae = skeleton(name, "vae", torch.float32)
+    decode_flops, decode_kernels, _ = count(lambda: vae.decode(meta(*latent, dtype=torch.float32)).sample)
+    encoder = skeleton(name, "text_encoder", dtype)
+    encoder_parameters = sum(p.numel() for p in encoder.parameters())
+    try:  # the prompt and the negative prompt, each padded to 512 tokens
+        ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device="meta")
+        mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long, device="meta")
+        encode_flops, encode_kernels, _ = count(lambda: encoder(input_ids=ids, attention_mask=mask))
+        encode_flops, encode_kernels, encode_how = 2 * encode_flops, 2 * encode_kernels, "counted"
+    except Exception:  # a text model that reads its mask with .item(): 2 x parameters x tokens
+        encode_flops = 2 * 2.0 * encoder_parameters * TEXT_TOKENS
+        encode_kernels, encode_how = 2 * 15 * encoder.config.num_layers, "2 x parameters x tokens"
+    run = WAN_RUNS[name]
+    return {
+        "model": name,
+        "dtype": "bfloat16",
+        "run": run,
+        "latent_shape": list(latent),
+        "tokens": tokens,
+        "experts": experts,
+        "denoiser_parameters": parameters,
+        "call_tflop": flops / 1e12,
+        "call_kernels": kernels,
+        "call_s": seconds(flops, kernels),
+        "denoise_s": 2 * seconds(flops, kernels),
+        "half_denoise_s": seconds(flops, kernels),
+        "decode_tflop": decode_flops / 1e12,
+        "decode_s": seconds(decode_flops, decode_kernels, fp32=True),
+        "encode_tflop": encode_flops / 1e12,
+        "encode_how": encode_how,
+        "encode_s": seconds(encode_flops, encode_kernels),
+        "call_output_bytes": call_bytes,
+        "prediction_bytes": 2 * call_bytes,
+        "latent_bytes": math.prod(latent) * 4,
+        "solver_tensors": wan_solver_tensors(name),
+        "activation_bytes": 0,
+        "kv_bytes": 0,
+        "steps": run["steps"],
+        "warmup": WanAdapter().default_warmup(run["steps"]),
+    }
+
+
+def wan_profile(row: dict[str, Any], label: str) -> StepProfile:
+    return StepProfile(
+        model=row["model"],
+        denoise_s=row["denoise_s"],
+        half_denoise_s=row["half_denoise_s"],
+        loop_s=LOOP_S,
+        encode_s=row["encode_s"],
+        decode_s=row["decode_s"],
+        prediction_bytes=row["prediction_bytes"],
+        latent_bytes=row["latent_bytes"],
+        activation_bytes=0,
+        kv_bytes=0,
+        source=label,
+        guidance_calls=2,
+        solver_tensors=row["solver_tensors"],
+        refused=WAN_REFUSED,
+    )
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def wan_bytes_per_step(row: dict[str, Any]) -> list[tuple[str, float]]:
+    """All ranks' bytes sent per step, from the strategies' expected_traffic formulas (what the tests
+    check the rank counters against), at the published steps and warm-up."""
+    from engine.strategies import cfg_parallel, parastep
+
+    steps, warmup = row["steps"], row["warmup"]
+    synced = row["latent_bytes"] * (1 + row["solver_tensors"])
+    out = []
+    for n in (2, 4, 8):
+        for label, broadcast in (("sync_solver 1", synced), ("sync_solver 0", row["latent_bytes"])):
+            traffic = parastep.expected_traffic(steps, warmup, n, row["prediction_bytes"], broadcast)
+            out.append((f"parastep N={n}, {label}", sum(r["bytes_sent"] for r in traffic) / steps))
+    traffic = cfg_parallel.expected_traffic(steps, row["prediction_bytes"], separate_calls=True)
+    out.append(("cfg-parallel N=2", sum(r["bytes_sent"] for r in traffic) / steps))
+    return out
+
+
+def wan_report(
+    names: list[str], peak_tflops: float, efficiency: float, label: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    from engine.projection import LINKS, ideal_parastep_speedup, project
+
+    rows = []
+    lines = ["## Wan: separate guidance calls (estimates, no GPU)", "", label + ".", ""]
+    lines += [
+        "| model | run (frames, HxW, steps) | latent | tokens | params per expert | TFLOP per call "
+        "| kernels | est. call | est. step (2 calls) | decode TFLOP (fp32) | est. decode | encode TFLOP "
+        "| est. encode |",
+        "|" + " --- |" * 13,
+    ]
+    for name in names:
+        row = wan_estimate(name, peak_tflops, efficiency)
+        rows.append(row)
+        run = row["run"]
+        lines.append(
+            f"| {name}{' (2 experts)' if row['experts'] == 2 else ''} | {run['frames']}, "
+            f"{run['height']}x{run['width']}, {run['steps']} | {'x'.join(map(str, row['latent_shape'][1:]))} "
+            f"| {row['tokens']:,} | {row['denoiser_parameters'] / 1e9:.2f} B | {row['call_tflop']:.1f} "
+            f"| {row['call_kernels']:,} | {row['call_s'] * 1e3:.0f} ms | {row['denoise_s'] * 1e3:.0f} ms "
+            f"| {row['decode_tflop']:.1f} | {row['decode_s'] * 1e3:.0f} ms | {row['encode_tflop']:.1f} "
+            f"({row['encode_how']}) | {row['encode_s'] * 1e3:.0f} ms |"
+        )
+    lines += ["", "### Message sizes", ""]
+    lines += [
+        "| model | one call's output | prediction (2 calls) | latent (fp32) | solver state | "
+        "ParaStep broadcast, sync_solver 1 / 0 |",
+        "|" + " --- |" * 6,
+    ]
+    for row in rows:
+        synced = row["latent_bytes"] * (1 + row["solver_tensors"])
+        lines.append(
+            f"| {row['model']} | {mib(row['call_output_bytes'])} | {mib(row['prediction_bytes'])} | "
+            f"{mib(row['latent_bytes'])} | {row['solver_tensors']} x {mib(row['latent_bytes'])} | "
+            f"{mib(synced)} / {mib(row['latent_bytes'])} |"
+        )
+    lines += ["", "### Bytes per step, all ranks (expected_traffic formulas, published T and W)", ""]
+    per_step = {row["model"]: wan_bytes_per_step(row) for row in rows}
+    first = next(iter(per_step.values()))
+    lines += ["| strategy | " + " | ".join(per_step) + " |", "|" + " --- |" * (len(per_step) + 1)]
+    for index, (strategy, _) in enumerate(first):
+        cells = [mib(values[index][1]) for values in per_step.values()]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    for row in rows:
+        steps, warmup = row["steps"], row["warmup"]
+        ideals = ", ".join(f"N={n}: {ideal_parastep_speedup(steps, warmup, n):.2f}x" for n in (2, 4, 8))
+        lines += ["", f"### {row['model']}: projection from the estimate (T={steps}, W={warmup})", ""]
+        lines += [f"ParaStep call-count ideal: {ideals}.", ""]
+        lines += projection_table(wan_profile(row, "estimate"), steps, warmup)
+        assert {r.strategy for r in project(wan_profile(row, ""), steps, warmup, links=LINKS)}.isdisjoint(
+            WAN_REFUSED
+        )
+    return rows, lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cogvideox-2b,svd,svd-xt,audioldm2-large")
@@ -258,7 +504,12 @@ def main() -> None:
         "est. decode | est. encode | prediction | latent | AsyncDiff cut | DistriFusion K+V |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    wan_names = [name for name in names if name in WAN_RUNS]
+    names = [name for name in names if name not in WAN_RUNS]
+    if not names:
+        lines = []
+    for name in names:
         try:
             row = estimate(name, args.peak_tflops, args.efficiency)
         except Exception as exc:  # one model that cannot run on meta tensors does not hide the others
@@ -277,10 +528,18 @@ def main() -> None:
         )
     lines.append("")
     for row in rows:
-        paper = PUBLISHED_PARASTEP[row["model"].replace("svd-xt", "svd")]
+        paper = PUBLISHED_PARASTEP.get(row["model"].replace("svd-xt", "svd"))
+        note = f"Published ParaStep end-to-end maximum: {paper['speedup']}x." if paper else ""
+        if paper is None:  # CogVideoX-5b: no published ParaStep figure; CogVideoX-2b's T and W
+            paper = PUBLISHED_PARASTEP["cogvideox-2b"]
+            note = "No published ParaStep figure; T and W of CogVideoX-2b's."
         lines += [f"### {row['model']}: projection from the estimate", ""]
         lines += projection_table(profile(row, "estimate"), paper["steps"], paper["warmup"])
-        lines += ["", f"Published ParaStep end-to-end maximum: {paper['speedup']}x.", ""]
+        lines += ["", note, ""]
+    if wan_names:
+        wan_rows, wan_lines = wan_report(wan_names, args.peak_tflops, args.efficiency, label)
+        rows += wan_rows
+        lines += wan_lines
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"label": label, "models": rows}, indent=1))

@@ -582,7 +582,7 @@ def projection_table(profile: StepProfile, steps: int, warmup: int) -> list[str]
         for link in links:
             row = next(r for r in rows if (r.strategy, r.devices, r.link) == (strategy, n, link))
             cells.append(f"{row.loop_speedup:.2f}x / {row.end_to_end_speedup:.2f}x")
-        ideal = f"{ideal_parastep_speedup(steps, warmup, n):.2f}x" if strategy == "parastep" else "-"
+        ideal = f"{ideal_parastep_speedup(steps, warmup, n):.2f}x" if strategy.startswith("parastep") else "-"
         lines.append(f"| {strategy} | {n} | " + " | ".join(cells) + f" | {ideal} |")
     return lines
 

@@ -58,9 +58,9 @@ def test_published_configs_give_the_published_parameter_counts(name, component):
 
 def test_every_model_index_component_has_a_config_or_a_tokenizer():
     for name, spec in builder.MODELS.items():
-        for component in builder.model_index(spec):
-            if component.startswith("_"):
-                continue
+        for component, entry in builder.model_index(spec).items():
+            if component.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+                continue  # pipeline settings (boundary_ratio, expand_timesteps) and absent components
             has_files = (spec.configs / component).is_dir()
             assert has_files or (name, component) in builder.TOKENIZERS, (name, component)
 
@@ -109,3 +109,49 @@ def test_materialized_weights_keep_activations_in_range():
     with torch.inference_mode():
         states = model(torch.arange(1, 40).unsqueeze(0)).last_hidden_state
     assert torch.isfinite(states).all() and 0.05 < states.std().item() < 20
+
+
+@pytest.mark.parametrize("name", builder.WAN_MODELS)
+def test_wan_reduced_configs_build_on_meta_with_consistent_widths(name):
+    """The reduced Wan variants: every weighted component builds from its overridden config, and the
+    transformers read the text encoder's width (what a reduced pipeline needs to run)."""
+    import diffusers
+    import transformers
+
+    spec = builder.MODELS[name]
+    index = builder.model_index(spec)
+    encoder = builder.component_config(spec, "text_encoder", reduced=True)
+    for component, entry in index.items():
+        if component.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        if component in ("tokenizer", "scheduler"):
+            continue
+        config = builder.component_config(spec, component, reduced=True)
+        with torch.device("meta"):
+            if entry[0] == "transformers":
+                cls = getattr(transformers, entry[1])
+                settings = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
+                cls(cls.config_class(**settings))
+            else:
+                getattr(diffusers, entry[1]).from_config(config)
+        if component.startswith("transformer"):
+            assert config["text_dim"] == encoder["d_model"]
+
+
+def test_wan_estimate_shapes_and_solver_state():
+    """The published sampling the estimates use, and the UniPC state ParaStep's sync_solver broadcasts."""
+    import estimate_full_size as estimate
+
+    assert estimate.wan_latent_shape("wan2.1-t2v-1.3b") == (1, 16, 21, 60, 104)  # 81 x 480x832
+    assert estimate.wan_latent_shape("wan2.2-t2v-a14b") == (1, 16, 21, 90, 160)  # 81 x 720x1280
+    assert estimate.wan_latent_shape("wan2.2-ti2v-5b") == (1, 48, 31, 44, 80)  # 121 x 704x1280, VAE /16
+    # UniPC, solver_order 2: two model outputs and the last sample.
+    assert estimate.wan_solver_tensors("wan2.1-t2v-14b") == 3
+    row = {"steps": 50, "warmup": 12, "latent_bytes": 8, "solver_tensors": 3, "prediction_bytes": 4}
+    per_step = dict(estimate.wan_bytes_per_step(row))
+    # N=2, T=50, W=12: 19 rounds of 2 -> 19 predictions, 18 broadcasts of 4 x 8 B; 12 + 19 segments,
+    # a flag after each but the last: 30.
+    assert per_step["parastep N=2, sync_solver 1"] == pytest.approx((19 * 4 + 18 * 32 + 30) / 50)
+    assert per_step["parastep N=2, sync_solver 0"] == pytest.approx((19 * 4 + 18 * 8 + 30) / 50)
+    # cfg-parallel, separate calls: 49 steps exchange half the prediction each way, 49 flags.
+    assert per_step["cfg-parallel N=2"] == pytest.approx((2 * 49 * 2 + 49) / 50)

@@ -108,3 +108,63 @@ def test_project_rows_and_end_to_end():
     # End to end, encode (1 s) and decode (2 s) are not parallel: (11 + 3) / (5.65 + 3).
     assert row.end_to_end_speedup == pytest.approx(14.0 / 8.65, rel=1e-6)
     assert row.ideal == pytest.approx(10 / 4)
+
+
+# A loop with separate guidance calls (Wan): two calls of 0.5 s per step, each output 0.5e9 B (0.05 s);
+# UniPC carries three latent-sized tensors; the engine refuses AsyncDiff and DistriFusion for the family.
+SEPARATE = StepProfile(
+    model="separate",
+    denoise_s=1.0,
+    half_denoise_s=0.5,
+    loop_s=0.1,
+    encode_s=1.0,
+    decode_s=2.0,
+    prediction_bytes=1_000_000_000,
+    latent_bytes=500_000_000,  # 0.05 s
+    activation_bytes=0,
+    kv_bytes=0,
+    guidance_calls=2,
+    solver_tensors=3,
+    refused=("asyncdiff", "distrifusion"),
+)
+
+
+def test_parastep_separate_calls_and_solver_state_by_hand():
+    # T=10, W=2, N=4: as test_parastep_by_hand (the step's two outputs are 0.1 s in all), but the
+    # round-end broadcast carries the latent and UniPC's three tensors: 4 x 0.05 s instead of 0.05 s.
+    assert parastep_loop_s(SEPARATE, 10, 2, 4, LINK) == pytest.approx(5.65 + 3 * 0.05, abs=1e-8)
+    # sync_solver 0: the latent alone, as published.
+    assert parastep_loop_s(SEPARATE, 10, 2, 4, LINK, sync_solver=False) == pytest.approx(5.65, abs=1e-8)
+
+
+def test_parastep_sends_one_message_per_call():
+    slow = Link("latency only", bandwidth_gb_s=1e12, latency_us=1000.0)
+    batched = StepProfile("b", 1.0, 0.5, 0.1, 0.0, 0.0, 1000, 1000, 0, 0)
+    separate = StepProfile("s", 1.0, 0.5, 0.1, 0.0, 0.0, 1000, 1000, 0, 0, guidance_calls=2)
+    # T=10, W=2, N=4: two rounds of 4, three receives each: six more 1 ms latencies with two calls.
+    extra = parastep_loop_s(separate, 10, 2, 4, slow) - parastep_loop_s(batched, 10, 2, 4, slow)
+    assert extra == pytest.approx(6e-3, rel=1e-6)
+
+
+def test_cfg_parallel_separate_calls_by_hand():
+    # Step 0 runs both calls on both ranks: 1.0 + 0.1 s, nothing exchanged. Steps 1-9: one call each
+    # (0.5 s) + step 0.1 s + the pair's outputs all-gathered (one call's, 0.5e9 B) 0.05 s = 0.65 s.
+    assert cfg_parallel_loop_s(SEPARATE, 10, 2, LINK) == pytest.approx(1.1 + 9 * 0.65)
+    assert cfg_parallel_loop_s(SEPARATE, 1, 2, LINK) == pytest.approx(1.1)
+    assert cfg_parallel_loop_s(SEPARATE, 10, 4, LINK) is None
+
+
+def test_project_leaves_out_refused_strategies_and_adds_own_history():
+    rows = project(SEPARATE, 10, 2, devices=(2, 4), links=(LINK,))
+    keys = sorted((row.strategy, row.devices) for row in rows)
+    assert keys == [
+        ("cfg-parallel", 2),
+        ("parastep", 2),
+        ("parastep", 4),
+        ("parastep-own-history", 2),
+        ("parastep-own-history", 4),
+    ]
+    synced = next(r for r in rows if (r.strategy, r.devices) == ("parastep", 4))
+    own = next(r for r in rows if (r.strategy, r.devices) == ("parastep-own-history", 4))
+    assert synced.loop_s == pytest.approx(5.8, abs=1e-8) and own.loop_s == pytest.approx(5.65, abs=1e-8)
+    assert own.ideal == synced.ideal == pytest.approx(10 / 4)
