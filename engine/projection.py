@@ -20,8 +20,8 @@ once per guidance pass; then `denoise_s` is all of a step's calls, `half_denoise
 `prediction_bytes` all of a step's outputs (ParaStep sends them as `guidance_calls` messages), and
 CFG-parallel runs step 0 whole on both ranks with no exchange (engine.strategies.cfg_parallel).
 A multistep scheduler's state (UniPC: two model outputs and the last sample, `solver_tensors` 3, each
-latent-sized) rides on ParaStep's round-end broadcast with `sync_solver` 1 (the default): one more
-broadcast of `latent_bytes` per tensor. `refused` names the strategies the engine refuses for the
+latent-sized) rides on ParaStep's round-end broadcast with `sync_solver` 1 (a variant, off by default):
+one more broadcast of `latent_bytes` per tensor. `refused` names the strategies the engine refuses for the
 family (the plan-time checks); `project` leaves them out.
 """
 
@@ -98,7 +98,7 @@ def ideal_parastep_speedup(steps: int, warmup: int, devices: int) -> float:
 
 
 def parastep_loop_s(
-    profile: StepProfile, steps: int, warmup: int, devices: int, link: Link, sync_solver: bool = True
+    profile: StepProfile, steps: int, warmup: int, devices: int, link: Link, sync_solver: bool = False
 ) -> float:
     """ParaStep's loop: W warm-up steps, then rounds of N.
 
@@ -196,7 +196,7 @@ def project(
 ) -> list[Projection]:
     """Every strategy at every N over every link; CFG-parallel only where it applies (N=2), none of the
     profile's `refused` ones. With a multistep scheduler (`solver_tensors`), also ParaStep with
-    `sync_solver` 0 ("parastep-own-history": the latent alone is broadcast)."""
+    `sync_solver` 1 ("parastep-sync-solver": the scheduler's state rides on the broadcast)."""
     sequential = profile.sequential_loop_s(steps)
     fixed = profile.encode_s + profile.decode_s
     rows = []
@@ -209,8 +209,8 @@ def project(
                 "distrifusion": distrifusion_loop_s(profile, steps, n, link),
             }
             if profile.solver_tensors and "parastep" not in profile.refused:
-                candidates["parastep-own-history"] = parastep_loop_s(
-                    profile, steps, warmup, n, link, sync_solver=False
+                candidates["parastep-sync-solver"] = parastep_loop_s(
+                    profile, steps, warmup, n, link, sync_solver=True
                 )
             for strategy, loop in candidates.items():
                 if loop is None or strategy in profile.refused:

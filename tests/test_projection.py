@@ -130,11 +130,11 @@ SEPARATE = StepProfile(
 
 
 def test_parastep_separate_calls_and_solver_state_by_hand():
-    # T=10, W=2, N=4: as test_parastep_by_hand (the step's two outputs are 0.1 s in all), but the
-    # round-end broadcast carries the latent and UniPC's three tensors: 4 x 0.05 s instead of 0.05 s.
-    assert parastep_loop_s(SEPARATE, 10, 2, 4, LINK) == pytest.approx(5.65 + 3 * 0.05, abs=1e-8)
-    # sync_solver 0: the latent alone, as published.
-    assert parastep_loop_s(SEPARATE, 10, 2, 4, LINK, sync_solver=False) == pytest.approx(5.65, abs=1e-8)
+    # T=10, W=2, N=4: as test_parastep_by_hand (the step's two outputs are 0.1 s in all); with
+    # sync_solver the round-end broadcast carries the latent and UniPC's three tensors: 4 x 0.05 s.
+    assert parastep_loop_s(SEPARATE, 10, 2, 4, LINK, sync_solver=True) == pytest.approx(5.65 + 3 * 0.05)
+    # By default (as published) the latent alone.
+    assert parastep_loop_s(SEPARATE, 10, 2, 4, LINK) == pytest.approx(5.65, abs=1e-8)
 
 
 def test_parastep_sends_one_message_per_call():
@@ -154,17 +154,17 @@ def test_cfg_parallel_separate_calls_by_hand():
     assert cfg_parallel_loop_s(SEPARATE, 10, 4, LINK) is None
 
 
-def test_project_leaves_out_refused_strategies_and_adds_own_history():
+def test_project_leaves_out_refused_strategies_and_adds_the_solver_sync_variant():
     rows = project(SEPARATE, 10, 2, devices=(2, 4), links=(LINK,))
     keys = sorted((row.strategy, row.devices) for row in rows)
     assert keys == [
         ("cfg-parallel", 2),
         ("parastep", 2),
         ("parastep", 4),
-        ("parastep-own-history", 2),
-        ("parastep-own-history", 4),
+        ("parastep-sync-solver", 2),
+        ("parastep-sync-solver", 4),
     ]
-    synced = next(r for r in rows if (r.strategy, r.devices) == ("parastep", 4))
-    own = next(r for r in rows if (r.strategy, r.devices) == ("parastep-own-history", 4))
+    own = next(r for r in rows if (r.strategy, r.devices) == ("parastep", 4))
+    synced = next(r for r in rows if (r.strategy, r.devices) == ("parastep-sync-solver", 4))
     assert synced.loop_s == pytest.approx(5.8, abs=1e-8) and own.loop_s == pytest.approx(5.65, abs=1e-8)
     assert own.ideal == synced.ideal == pytest.approx(10 / 4)
