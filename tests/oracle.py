@@ -283,26 +283,48 @@ def sequential(rec: Recording) -> torch.Tensor:
 
 
 def parastep(rec: Recording, ranks: int, warmup: int) -> torch.Tensor:
-    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps.
+    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps."""
+    return simulate_parastep(
+        rec.x0,
+        rec.scheduler,
+        ranks,
+        warmup,
+        evaluate=lambda scheduler, latent, i: denoise(rec, scheduler, latent, i),
+        advance=lambda scheduler, prediction, i, latent: advance(rec, scheduler, prediction, i, latent),
+    )
+
+
+def simulate_parastep(
+    x0: torch.Tensor,
+    scheduler: Any,
+    ranks: int,
+    warmup: int,
+    evaluate: Any,
+    advance: Any,
+    sync_solver: bool = False,
+) -> torch.Tensor:
+    """ParaStep's ranks one after another, for any loop: `evaluate(scheduler, latent, i)` gives step
+    i's prediction (whatever the loop's denoiser calls return: one batched output, or a list of a
+    step's calls), `advance(scheduler, prediction, i, latent)` guides it and steps.
 
     Every rank keeps its own scheduler and steps it at every step with the prediction it applies (a
     multistep scheduler's history is its own, as published); at the end of every round but the last
-    rank 0's latent replaces every rank's.
+    rank 0's latent replaces every rank's (with `sync_solver`, rank 0's scheduler too).
     """
-    total = rec.steps
+    total = len(scheduler.timesteps)
     if ranks < 1 or not 0 <= warmup <= total:
         raise ValueError("bad ParaStep parameters")
     if ranks > 1 and warmup == 0 and total > 0:
         raise ValueError("ParaStep needs a warm-up step to fill the ranks' caches")
     with single_thread(), torch.inference_mode():
-        schedulers = [copy.deepcopy(rec.scheduler) for _ in range(ranks)]
-        latents = [rec.x0.clone() for _ in range(ranks)]
-        caches: list[torch.Tensor | None] = [None] * ranks
-        for i in range(warmup):  # every rank computes this same output on the same latent
-            raw = denoise(rec, schedulers[0], latents[0], i)
+        schedulers = [copy.deepcopy(scheduler) for _ in range(ranks)]
+        latents = [x0.clone() for _ in range(ranks)]
+        caches: list[Any] = [None] * ranks
+        for i in range(warmup):  # every rank computes this same prediction on the same latent
+            prediction = evaluate(schedulers[0], latents[0], i)
             for r in range(ranks):
-                caches[r] = raw
-                latents[r] = advance(rec, schedulers[r], raw, i, latents[r])
+                caches[r] = prediction
+                latents[r] = advance(schedulers[r], prediction, i, latents[r])
         starts = list(range(warmup, total, ranks))
         for s in starts:
             n = min(ranks, total - s)
@@ -310,13 +332,15 @@ def parastep(rec: Recording, ranks: int, warmup: int) -> torch.Tensor:
             for k in range(1, ranks):  # rank k: reuse before s + k, predict at s + k, then idle
                 for m in range(n):
                     if m == k:
-                        caches[k] = predictions[k] = denoise(rec, schedulers[k], latents[k], s + m)
-                    latents[k] = advance(rec, schedulers[k], caches[k], s + m, latents[k])
+                        caches[k] = predictions[k] = evaluate(schedulers[k], latents[k], s + m)
+                    latents[k] = advance(schedulers[k], caches[k], s + m, latents[k])
             for m in range(n):  # rank 0 applies its own prediction, then the received ones
-                raw = denoise(rec, schedulers[0], latents[0], s) if m == 0 else predictions[m]
-                latents[0] = advance(rec, schedulers[0], raw, s + m, latents[0])
-            if s != starts[-1]:
-                latents = [latents[0].clone() for _ in range(ranks)]  # the broadcast
+                prediction = evaluate(schedulers[0], latents[0], s) if m == 0 else predictions[m]
+                latents[0] = advance(schedulers[0], prediction, s + m, latents[0])
+            if s != starts[-1]:  # the broadcast
+                latents = [latents[0].clone() for _ in range(ranks)]
+                if sync_solver:
+                    schedulers = [schedulers[0]] + [copy.deepcopy(schedulers[0]) for _ in range(1, ranks)]
         return latents[0]
 
 

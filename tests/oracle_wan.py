@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tests.oracle import single_thread
+from tests.oracle import simulate_parastep, single_thread
 
 
 @dataclass
@@ -132,35 +132,14 @@ def sequential(rec: WanRecording) -> torch.Tensor:
 
 
 def parastep(rec: WanRecording, ranks: int, warmup: int, sync_solver: bool = False) -> torch.Tensor:
-    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps;
-    `sync_solver`: the broadcast also carries rank 0's scheduler (else ranks keep their own history)."""
-    total = rec.steps
-    if ranks > 1 and warmup < 1:
-        raise ValueError("ParaStep needs a warm-up step to fill the ranks' caches")
-    with single_thread(), torch.inference_mode():
-        schedulers = [copy.deepcopy(rec.scheduler) for _ in range(ranks)]
-        latents = [rec.x0.clone() for _ in range(ranks)]
-        caches: list[list[torch.Tensor]] = [[] for _ in range(ranks)]
-        timesteps = rec.scheduler.timesteps
-        for i in range(min(warmup, total)):  # every rank computes the same calls on the same latent
-            raws = calls(rec, latents[0], timesteps[i])
-            for r in range(ranks):
-                caches[r] = raws
-                latents[r] = advance(rec, schedulers[r], raws, i, latents[r])
-        starts = list(range(warmup, total, ranks))
-        for s in starts:
-            n = min(ranks, total - s)
-            predictions: dict[int, list[torch.Tensor]] = {}
-            for k in range(1, ranks):  # rank k: reuse before s+k, predict at s+k, then idle
-                for m in range(n):
-                    if m == k:
-                        caches[k] = predictions[k] = calls(rec, latents[k], timesteps[s + m])
-                    latents[k] = advance(rec, schedulers[k], caches[k], s + m, latents[k])
-            for m in range(n):  # rank 0 applies its own calls, then the received ones
-                raws = calls(rec, latents[0], timesteps[s]) if m == 0 else predictions[m]
-                latents[0] = advance(rec, schedulers[0], raws, s + m, latents[0])
-            if s != starts[-1]:  # the broadcast: latent (and solver state)
-                latents = [latents[0].clone() for _ in range(ranks)]
-                if sync_solver:
-                    schedulers = [schedulers[0]] + [copy.deepcopy(schedulers[0]) for _ in range(1, ranks)]
-        return latents[0]
+    """Rank 0's final latent under ParaStep with `ranks` simulated ranks and `warmup` warm-up steps
+    (tests.oracle.simulate_parastep on this loop's calls)."""
+    return simulate_parastep(
+        rec.x0,
+        rec.scheduler,
+        ranks,
+        warmup,
+        evaluate=lambda scheduler, latent, i: calls(rec, latent, scheduler.timesteps[i]),
+        advance=lambda scheduler, raws, i, latent: advance(rec, scheduler, raws, i, latent),
+        sync_solver=sync_solver,
+    )
