@@ -20,10 +20,11 @@ from engine.catalog import read_entry
 from engine.errors import UserError
 from engine.models import adapter_for
 from engine.protocol import GenerationRequest
-from engine.strategies import STRATEGIES, cfg_parallel
+from engine.strategies import cfg_parallel
 from engine.strategies.parastep import expected_traffic
 from tests import oracle
 from tests import oracle_hunyuan_video15 as oracle_hy
+from tests.strategy_refusals import plan_refusals
 from tests.test_strategies import assert_close, assert_distinct
 
 pytestmark = pytest.mark.slow
@@ -208,21 +209,16 @@ def test_cfg_parallel_is_refused_at_guidance_one(shared_engine, model):
 
 
 def test_every_strategy_runs_or_is_refused_at_plan_time_with_its_reason(shared_engine, model):
-    planned, refused = {strategy for strategy, _, _ in RUNS.values()}, {}
-    for name, cls in STRATEGIES.items():
-        if name in planned:
-            continue
-        devices = f"cpu:{max(2, cls.min_devices)}" if cls.min_devices > 1 or cls.max_devices != 1 else "cpu:1"
-        options = {"warmup": WARMUP} if any(o.name == "warmup" for o in cls.options) else {}
-        try:
-            shared_engine.plan(request(str(model), name, devices, options))
-        except UserError as error:
-            refused[name] = str(error)
-            continue
-        planned.add(name)
+    tried = {strategy for strategy, _, _ in RUNS.values()}
+    refused = plan_refusals(
+        lambda strategy, devices, options: shared_engine.plan(
+            request(str(model), strategy, devices, options)
+        ),
+        tried,
+        WARMUP,
+    )
     # cache-pab and cache-taylorseer plan (and run: `generate --strategy cache-pab`); their results
     # are approximations with nothing exact to compare, so this module does not spend runs on them.
-    assert planned == set(STRATEGIES) - set(refused)
     assert set(refused) == {
         "asyncdiff",
         "distrifusion",

@@ -20,10 +20,11 @@ from engine.errors import UserError
 from engine.models import adapter_for
 from engine.models.base import to_uint8_frames
 from engine.protocol import GenerationRequest
-from engine.strategies import STRATEGIES, cfg_parallel
+from engine.strategies import cfg_parallel
 from engine.strategies.parastep import expected_traffic
 from resources import EMBEDDED_MODELS_DIR
 from tests import oracle
+from tests.strategy_refusals import plan_refusals
 from tests.test_strategies import assert_close, assert_distinct
 
 pytestmark = pytest.mark.slow
@@ -258,18 +259,12 @@ def test_caches_run_on_the_batched_loop(cache, runs):
 
 def test_every_strategy_runs_or_is_refused_at_plan_time_with_its_reason(shared_engine, runs):
     runs("sequential")  # the runs above cover the strategies they name
-    planned, refused = {strategy for strategy, _, _ in RUNS.values()}, {}
-    for name, cls in STRATEGIES.items():
-        if name in planned:
-            continue
-        devices = f"cpu:{max(2, cls.min_devices)}" if cls.min_devices > 1 or cls.max_devices != 1 else "cpu:1"
-        options = {"warmup": WARMUP} if any(o.name == "warmup" for o in cls.options) else {}
-        try:
-            shared_engine.plan(request(name, devices, options))
-        except UserError as error:
-            refused[name] = str(error)
-            continue
-        planned.add(name)
+    tried = {strategy for strategy, _, _ in RUNS.values()}
+    refused = plan_refusals(
+        lambda strategy, devices, options: shared_engine.plan(request(strategy, devices, options)),
+        tried,
+        WARMUP,
+    )
     assert set(refused) == {
         "asyncdiff",
         "distrifusion",

@@ -18,10 +18,11 @@ from engine.catalog import read_entry
 from engine.errors import UserError
 from engine.models import adapter_for
 from engine.protocol import GenerationRequest, PreviewEvent
-from engine.strategies import STRATEGIES, cfg_parallel
+from engine.strategies import cfg_parallel
 from engine.strategies.parastep import expected_traffic
 from resources import EMBEDDED_MODELS_DIR
 from tests import oracle
+from tests.strategy_refusals import plan_refusals
 from tests.test_strategies import assert_close, assert_distinct
 
 pytestmark = pytest.mark.slow
@@ -206,18 +207,12 @@ def test_caches_that_plan_run(name, runs):
 
 def test_every_strategy_runs_or_is_refused_at_plan_time_with_its_reason(shared_engine, runs):
     runs("sequential")  # the runs above cover the strategies that apply
-    planned, refused = {strategy for strategy, _, _ in RUNS.values()}, {}
-    for name, cls in STRATEGIES.items():
-        if name in planned:
-            continue
-        devices = f"cpu:{max(2, cls.min_devices)}" if cls.min_devices > 1 or cls.max_devices != 1 else "cpu:1"
-        options = {"warmup": WARMUP} if any(o.name == "warmup" for o in cls.options) else {}
-        try:
-            shared_engine.plan(request(name, devices, options))
-        except UserError as error:
-            refused[name] = str(error)
-            continue
-        planned.add(name)
+    tried = {strategy for strategy, _, _ in RUNS.values()}
+    refused = plan_refusals(
+        lambda strategy, devices, options: shared_engine.plan(request(strategy, devices, options)),
+        tried,
+        WARMUP,
+    )
     assert refused.keys() == REFUSED.keys(), refused
     for name, reason in REFUSED.items():
         assert reason in refused[name], (name, refused[name])
@@ -229,7 +224,7 @@ REFUSED = {  # strategy -> a phrase of the reason it gives at plan time
     "pcpp": "declare them, not 'stable-audio'",
     "cache-fbc": "FirstBlockCache finds nothing to cache in StableAudioDiTModel",
     "cache-mag": "MagCache finds nothing to cache in StableAudioDiTModel",
-    "cache-faster": "this app knows them for CogVideoXTransformer3DModel only",
+    "cache-faster": "model families declare them for CogVideoXTransformer3DModel only",
     "context-parallel": "no context-parallel plan (_cp_plan) for StableAudioDiTModel",
 }
 

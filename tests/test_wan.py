@@ -16,10 +16,11 @@ import pytest
 
 from engine.errors import UserError
 from engine.protocol import GenerationRequest, PreviewEvent
-from engine.strategies import STRATEGIES, cfg_parallel
+from engine.strategies import cfg_parallel
 from engine.strategies.parastep import expected_traffic
 from resources import EMBEDDED_MODELS_DIR
 from tests import oracle, oracle_wan
+from tests.strategy_refusals import plan_refusals
 from tests.test_strategies import assert_close, assert_distinct
 
 pytestmark = pytest.mark.slow
@@ -207,18 +208,14 @@ def test_caches_run_on_the_separate_calls(runs):
 
 def test_every_strategy_runs_or_is_refused_at_plan_time_with_its_reason(shared_engine, runs):
     runs("tiny-wan", "sequential")  # the runs above cover the strategies that apply
-    planned, refused = set(RUNS_BY_STRATEGY), {}
-    for name, cls in STRATEGIES.items():
-        if name in planned:
-            continue
-        devices = f"cpu:{max(2, cls.min_devices)}" if cls.min_devices > 1 or cls.max_devices != 1 else "cpu:1"
-        options = {"warmup": WARMUP} if any(o.name == "warmup" for o in cls.options) else {}
-        try:
-            shared_engine.plan(request("tiny-wan", name, devices, options))
-        except UserError as error:
-            refused[name] = str(error)
-            continue
-        planned.add(name)
+    tried = set(RUNS_BY_STRATEGY)
+    refused = plan_refusals(
+        lambda strategy, devices, options: shared_engine.plan(
+            request("tiny-wan", strategy, devices, options)
+        ),
+        tried,
+        WARMUP,
+    )
     assert set(refused) == {
         "asyncdiff",
         "distrifusion",
