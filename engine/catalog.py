@@ -247,6 +247,10 @@ def hf_cache_snapshots() -> list[tuple[str, Path]]:
     return found
 
 
+# Component classes that carry no weights ("Guidance": diffusers guiders such as ClassifierFreeGuidance,
+# which hold a scale and no tensors: HunyuanVideo 1.5, LTX-2).
+WEIGHTLESS_CLASS_WORDS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor", "Guidance")
+
 ALLOW_PICKLE_FILE = ".parastep-allow-pickle"  # an empty file the user puts in a folder they trust
 
 

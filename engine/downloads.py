@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.catalog import WEIGHTLESS_CLASS_WORDS
 from engine.checkpoints import (
     MANIFEST,
     STAGING,
@@ -40,7 +41,6 @@ from engine.errors import JobCancelled, UserError
 # Suffixes a pipeline folder needs; everything else (.bin .pt .ckpt .pkl .msgpack .onnx .py ...) is left.
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor")
 _SHARD = re.compile(r"-\d+-of-\d+$")
 DISK_RESERVE = 64 * 2**20  # left free besides the download
 PROGRESS_INTERVAL_S = 0.1
@@ -123,7 +123,7 @@ def select_files(
         chosen += [
             f for f in allowed if not _is_weight(f.path) or file_variant(f.path.split("/")[1]) == wanted
         ]
-        weightless = any(word in str(spec[1]) for word in _WEIGHTLESS)
+        weightless = any(word in str(spec[1]) for word in WEIGHTLESS_CLASS_WORDS)
         if not weightless and not any(f.path.endswith(".safetensors") for f in chosen if f in inside):
             pickled = [f.path for f in inside if f.path.endswith(PICKLE_SUFFIXES)]
             problem = (

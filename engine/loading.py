@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.catalog import ALLOW_PICKLE_FILE, ModelEntry, pickle_allowed, read_model_json
+from engine.catalog import (
+    ALLOW_PICKLE_FILE,
+    WEIGHTLESS_CLASS_WORDS,
+    ModelEntry,
+    pickle_allowed,
+    read_model_json,
+)
 from engine.errors import UserError
 from engine.models import adapter_for
 
-# Component classes that carry no weights.
-# Config-only components; "Guidance": diffusers guiders (ClassifierFreeGuidance, ...), which hold a
-# guidance scale and no tensors (HunyuanVideo 1.5, LTX-2).
-_WEIGHTLESS = ("Scheduler", "Tokenizer", "FeatureExtractor", "Processor", "Guidance")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -23,7 +25,7 @@ def weighted_components(entry: ModelEntry) -> list[str]:
     for name, spec in model_index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
             continue
-        if not any(word in spec[1] for word in _WEIGHTLESS):
+        if not any(word in spec[1] for word in WEIGHTLESS_CLASS_WORDS):
             components.append(name)
     return components
 

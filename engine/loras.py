@@ -80,7 +80,9 @@ def apply_loras(pipe: Any, loras: list[dict[str, Any]]) -> list[str]:
     for index, lora in enumerate(loras):
         name = f"parastep_lora_{index}"
         state = load_file(str(Path(lora["path"]).expanduser()), device="cpu")
-        pipe.load_lora_weights(state, adapter_name=name)
+        # Wan 2.2 A14B: both experts take the adapter, else the low-noise one runs without it.
+        both = {"load_into_transformer_2": True} if getattr(pipe, "transformer_2", None) is not None else {}
+        pipe.load_lora_weights(state, adapter_name=name, **both)
         names.append(name)
         setattr(pipe, _MARK, list(names))
     pipe.set_adapters(names, adapter_weights=[float(lora.get("weight", 1.0)) for lora in loras])

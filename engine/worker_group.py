@@ -315,15 +315,14 @@ class WorkerGroup:
             kind, rank, body = message
             heard[rank] = now = time.monotonic()
             cpu[rank] = _cpu_seconds(self.processes[rank].pid)
-            if kind == "event":
+            if kind == "event" and getattr(body, "job_id", None) == job.job_id:  # not a stale job's
                 if isinstance(body, StepEvent):
                     if rank in last_step:
                         slowest_step = max(slowest_step, now - last_step[rank])
                     last_step[rank], steps[rank] = now, body.step + 1
                 elif isinstance(body, StageEvent):
                     stage = STAGE_DOING.get(body.stage, stage)
-                if getattr(body, "job_id", None) == job.job_id:
-                    on_event(body)
+                on_event(body)
             elif kind == "pending":
                 self.pending = Path(body)
             elif kind == "done":

@@ -109,19 +109,8 @@ class FamilyAdapter:
         """Frames per second for video, sample rate for audio."""
         return float(request.fps)
 
-    def guidance(self, pipe: Any, request: GenerationRequest) -> Any:
-        """The scale the loop multiplies (cond - uncond) by."""
-        return request.guidance_scale
-
     def uses_guidance(self, request: GenerationRequest) -> bool:
         return request.guidance_scale is not None and request.guidance_scale > 1.0
-
-    def guide(self, pipe: Any, request: GenerationRequest, raw: Any) -> Any:
-        """The noise prediction the loop hands to scheduler.step, from the denoiser's raw output."""
-        if not self.uses_guidance(request):
-            return raw
-        uncond, cond = raw.chunk(2)
-        return uncond + self.guidance(pipe, request) * (cond - uncond)
 
     def denoiser_input(self, scheduler: Any, latent: Any, timestep: Any, current_input: Any) -> Any:
         """The denoiser input the loop would build from `latent` at `timestep`.

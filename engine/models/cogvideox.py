@@ -55,9 +55,6 @@ class CogVideoXAdapter(FamilyAdapter):
             "output_type": "latent",
         }
 
-    def guide(self, pipe: Any, request: GenerationRequest, raw: Any) -> Any:
-        return super().guide(pipe, request, raw.float())  # the loop upcasts before guidance
-
     def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:
         video = pipe.decode_latents(latents.to(pipe.vae.dtype))  # the loop's latents are fp32
         frames = pipe.video_processor.postprocess_video(video=video, output_type="pt")[0]

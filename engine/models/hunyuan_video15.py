@@ -56,9 +56,6 @@ class HunyuanVideo15Adapter(FamilyAdapter):
         # unconditional call off; a scale below 1 still runs both calls.
         return request.guidance_scale is not None and not math.isclose(request.guidance_scale, 1.0)
 
-    def guidance(self, pipe: Any, request: GenerationRequest) -> Any:
-        return pipe.guider.guidance_scale
-
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         # The scale lives in the guider, not in the call; every job sets its own on the worker's guider
         # (guider.new() would do too, but logs diffusers' "experimental" warning at every job).

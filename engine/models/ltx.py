@@ -112,9 +112,6 @@ class LTXAdapter(FamilyAdapter):
         x = packed.reshape(batch, post_frames, height // patch, width // patch, -1, patch_t, patch, patch)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
-    def guide(self, pipe: Any, request: GenerationRequest, raw: Any) -> Any:
-        return super().guide(pipe, request, raw.float())  # the loop upcasts before guidance
-
     def denoiser_input(self, scheduler: Any, latent: Any, timestep: Any, current_input: Any) -> Any:
         import torch
 

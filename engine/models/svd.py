@@ -111,9 +111,6 @@ class SVDAdapter(FamilyAdapter):
     def uses_guidance(self, request: GenerationRequest) -> bool:
         return request.guidance_scale > 1.0
 
-    def guidance(self, pipe: Any, request: GenerationRequest) -> Any:
-        return pipe._guidance_scale  # per-frame scales the pipeline built for this call
-
     def decode(self, pipe: Any, latents: Any, request: GenerationRequest) -> np.ndarray:
         import torch
 

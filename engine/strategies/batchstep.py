@@ -108,9 +108,11 @@ class BatchStepStrategy(Strategy):
         batch = sample.shape[0]
         arguments = dict(bound.arguments)
         arguments[sample_name] = torch.cat(inputs)
+        given = bound.arguments.get("timestep")
+        dtype = given.dtype if isinstance(given, torch.Tensor) else None  # the loop's (bf16 rounds t)
         arguments["timestep"] = torch.cat(
             [torch.as_tensor(t, device=sample.device).reshape(1).expand(batch) for t in steps]
-        )
+        ).to(dtype)
         for name, value in bound.arguments.items():
             if name not in (sample_name, "timestep") and _is_batched(value, batch):
                 arguments[name] = torch.cat([value] * size)

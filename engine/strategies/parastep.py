@@ -215,11 +215,18 @@ def solver_state(scheduler: Any, latent: torch.Tensor) -> list[torch.Tensor]:
     UniPC's `last_sample`). Schedules (sigmas, timesteps) have other shapes; counters are not tensors
     and are the same on every rank, which all step at every step."""
     found = []
-    for name in sorted(vars(scheduler)):
-        value = vars(scheduler)[name]
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, torch.Tensor) and item.shape == latent.shape:
-                found.append(item)
+    state = vars(scheduler)
+    for name in sorted(state):
+        # Private copies: a broadcast writes into them, and a scheduler may hold the very tensor the
+        # loop passed (DPM-Solver's model output is the prediction itself), which a rank still uses.
+        if isinstance(state[name], torch.Tensor) and state[name].shape == latent.shape:
+            state[name] = state[name].clone()
+            found.append(state[name])
+        elif isinstance(state[name], list):
+            for index, item in enumerate(state[name]):
+                if isinstance(item, torch.Tensor) and item.shape == latent.shape:
+                    state[name][index] = item.clone()
+                    found.append(state[name][index])
     return found
 
 
