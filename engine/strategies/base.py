@@ -380,14 +380,15 @@ def estimated_x0(scheduler: Any, args: tuple, kwargs: dict, noise: Any) -> torch
     """The clean-sample estimate of the step just taken, for previews, where the step's output
     carries no `pred_original_sample`:
 
-    - multistep solvers that work in data prediction (DPM-Solver++, its cosine variant, UniPC's
-      `predict_x0`) keep it as their newest model output;
+    - multistep solvers that work in data prediction (DPM-Solver++, the cosine DPM-Solver, which has
+      no other algorithm, UniPC's `predict_x0`) keep it as their newest model output;
     - flow matching (FlowMatchEuler): x_t = (1 - s) x0 + s eps and the model predicts v = eps - x0,
       so x0 = x_t - s v, with s the sigma of the step just taken.
     """
-    algorithm = getattr(scheduler.config, "algorithm_type", "")
+    algorithm = getattr(scheduler.config, "algorithm_type", None)  # None: always data prediction
+    data = getattr(scheduler, "predict_x0", False) or algorithm is None or "++" in algorithm
     outputs = getattr(scheduler, "model_outputs", None)
-    if outputs and outputs[-1] is not None and (getattr(scheduler, "predict_x0", False) or "++" in algorithm):
+    if outputs and outputs[-1] is not None and data:
         return outputs[-1]
     index = getattr(scheduler, "step_index", None)
     sample = args[2] if len(args) > 2 else kwargs.get("sample")
