@@ -45,6 +45,9 @@ RUNS = {
     "parastep-3": ("parastep", "cpu:3", {"warmup": WARMUP}),
 }
 MODELS = ["tiny-wan", "wan-a14b"]
+# The two-expert layout runs what its loop changes (the expert switch under ParaStep and the call
+# pairing); the rest is the same code on the same loop shape, run on tiny-wan only.
+EXPERT_RUNS = ("sequential", "parastep-2", "cfg-parallel")
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +80,8 @@ def runs(shared_engine, models):
         if model not in cache:
             cache[model] = {}
             for run_name, (strategy, devices, options) in RUNS.items():
-                if strategy == "batchstep" and model == "wan-a14b":
-                    continue  # refused: see test_batchstep_refuses_two_experts
+                if model == "wan-a14b" and run_name not in EXPERT_RUNS:
+                    continue
                 plan = shared_engine.plan(request(str(models[model]), strategy, devices, options))
                 cache[model][run_name] = shared_engine.run(plan, previews=False)
         return cache[model][name]
@@ -123,15 +126,14 @@ def test_sequential_engine_matches_the_stock_pipeline(model, runs, references):
     assert_close(runs(model, "sequential").latents, references(model)["stock"], EXACT, f"{model} sequential")
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_parastep_one_rank_and_all_warmup_are_sequential(model, runs):
+def test_parastep_one_rank_and_all_warmup_are_sequential(runs):
+    model = "tiny-wan"
     sequential = runs(model, "sequential").latents
     assert np.array_equal(runs(model, "parastep-1").latents, sequential)
     assert np.array_equal(runs(model, "parastep-2-all-warmup").latents, sequential)
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("model", "ranks"), [("tiny-wan", 2), ("tiny-wan", 3), ("wan-a14b", 2)])
 def test_parastep_matches_the_reference(model, ranks, runs, references):
     latents = runs(model, f"parastep-{ranks}").latents
     assert_close(latents, references(model)[f"parastep-{ranks}"], EXACT, f"{model} parastep N={ranks}")
