@@ -20,3 +20,13 @@ class WorkerFailure(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) stopped a job after its final latents were kept; says where, and the fix."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: torch's OutOfMemoryError (GPUs), or the RuntimeError the CPU allocator
+    raises instead ("DefaultCPUAllocator: can't allocate memory"), or Python's MemoryError."""
+    return (
+        type(exc).__name__ == "OutOfMemoryError"
+        or isinstance(exc, MemoryError)
+        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    )

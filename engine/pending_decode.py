@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.errors import UserError
+from engine.errors import UserError, out_of_memory
 from engine.job_queue import default_state_dir
 from engine.protocol import GenerationRequest
 
@@ -147,8 +147,8 @@ def decode_with_fallback(
                 latents = latents.to("cpu")
             _maybe_inject_oom()
             return decode(pipe, latents)
-        except torch.OutOfMemoryError:
-            if number == len(attempts) - 1:
+        except Exception as exc:
+            if not out_of_memory(exc) or number == len(attempts) - 1:
                 raise
             log(f"Out of memory decoding {label}; trying again {attempts[number + 1][0]}.")
             if torch.cuda.is_available():

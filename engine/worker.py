@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.catalog import ModelEntry
-from engine.errors import JobCancelled, UserError
+from engine.errors import JobCancelled, UserError, out_of_memory
 from engine.loras import apply_loras, remove_loras
 from engine.pending_decode import decode_command, decode_with_fallback, save_pending
 from engine.protocol import GenerationRequest, LogEvent, PreviewEvent, StageEvent, StepEvent
@@ -28,6 +28,7 @@ from engine.protocol import GenerationRequest, LogEvent, PreviewEvent, StageEven
 # Tests: "STEP" (every rank) or "STEP@RANK": the first job of each such worker process runs out of
 # memory after that denoising step.
 INJECT_LOOP_OOM_ENV = "PARASTEP_INJECT_LOOP_OOM"
+INJECT_LOOP_OOM_KIND_ENV = "PARASTEP_INJECT_LOOP_OOM_KIND"  # "cpu": the CPU allocator's RuntimeError
 _loop_oom = {"armed": True}
 # Tests: "decode" or "step:N@RANK" (read by the engine into Job.options, so a warm group obeys it): that
 # rank stops itself (SIGSTOP) there, as a hung driver or a suspended process would.
@@ -176,7 +177,9 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
     try:
         with torch.inference_mode():
             result = pipe(**kwargs)
-    except torch.OutOfMemoryError:
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
         raise UserError(
             f"Out of memory on {spec.device} in the denoising loop; nothing was saved.",
             "Each device holds a whole model copy and the full latents: lower --frames or "
@@ -228,13 +231,13 @@ def run_job(spec: WorkerSpec, pipe: Any, adapter: Any, job: Job, results: Any, c
                     latents,
                     lambda m: emit(LogEvent(job.job_id, m)),
                 )
-            except torch.OutOfMemoryError:
-                raise UserError(
-                    f"Out of memory decoding on {spec.device}, also with VAE tiling and on the CPU. "
-                    f"The final latents are kept in {pending}.",
-                    f"Free memory, then run `{decode_command(pending, request)}`.",
-                ) from None
             except Exception as exc:
+                if out_of_memory(exc):
+                    raise UserError(
+                        f"Out of memory decoding on {spec.device}, also with VAE tiling and on the CPU. "
+                        f"The final latents are kept in {pending}.",
+                        f"Free memory, then run `{decode_command(pending, request)}`.",
+                    ) from None
                 raise UserError(
                     f"Decoding failed ({_describe(exc)}). The final latents are kept in {pending}.",
                     f"Run `{decode_command(pending, request)}` once the cause is fixed.",
@@ -261,6 +264,8 @@ def _maybe_inject_loop_oom(step: int, rank: int) -> None:
         import torch
 
         _loop_oom["armed"] = False
+        if os.environ.get(INJECT_LOOP_OOM_KIND_ENV) == "cpu":  # what the CPU allocator raises
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: injected for a test")
         raise torch.OutOfMemoryError(f"injected for a test at step {step}")
 
 

@@ -27,7 +27,7 @@ from engine.engine import Engine
 from engine.errors import JobCancelled, UserError, WorkerFailure
 from engine.pending_decode import pending_dir
 from engine.protocol import GenerationRequest, LogEvent, StageEvent, StepEvent
-from engine.worker import INJECT_LOOP_OOM_ENV, INJECT_STALL_ENV
+from engine.worker import INJECT_LOOP_OOM_ENV, INJECT_LOOP_OOM_KIND_ENV, INJECT_STALL_ENV
 from engine.worker_group import WATCHDOG_FACTOR_ENV, WATCHDOG_FLOOR_ENV
 
 REQUEST = dict(model="tiny-cogvideox", prompt="a red circle", frames=9, height=64, width=96, steps=3)
@@ -70,10 +70,13 @@ def _next_job_runs(engine: Engine, **changes) -> None:
     result.discard_pending()
 
 
+@pytest.mark.parametrize("kind", ["cuda", "cpu"])
 def test_out_of_memory_in_the_loop_names_the_knobs_and_the_worker_runs_the_next_job(
-    engine, monkeypatch, _output_dir
+    engine, monkeypatch, _output_dir, kind
 ):
+    # "cpu": the CPU allocator raises a RuntimeError, not torch.OutOfMemoryError; same message.
     monkeypatch.setenv(INJECT_LOOP_OOM_ENV, "1")  # read by the workers this engine starts next
+    monkeypatch.setenv(INJECT_LOOP_OOM_KIND_ENV, kind)
     engine.shutdown()
     with pytest.raises(UserError) as info:
         engine.generate(GenerationRequest(**REQUEST))
