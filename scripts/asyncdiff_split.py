@@ -2,9 +2,9 @@
 the measured seconds of each part (what one rank computes per step after warm-up), for the split by
 measured block time (balance=1, the default) and by counted operations (balance=0).
 
-    .venv/bin/python scripts/asyncdiff_split.py [--models tiny-cogvideox,tiny-svd,tiny-audioldm2]
+    .venv/bin/python -m scripts.asyncdiff_split [--models tiny-cogvideox,tiny-svd,tiny-audioldm2]
         [--parts 2,3,4] [--repeats 7] [--size WxHxF or seconds]
-    .venv/bin/python scripts/asyncdiff_split.py --full [--parts 2,3,4]
+    .venv/bin/python -m scripts.asyncdiff_split --full [--parts 2,3,4]
 
 --full: the published denoisers (resources/configs) built on the meta device, at the published
 sizes, costed by counted operations only (no time: nothing is computed), to show their splits.
@@ -20,21 +20,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from engine.engine import Engine  # noqa: E402
-from engine.loading import load_pipeline  # noqa: E402
-from engine.protocol import GenerationRequest  # noqa: E402
-from engine.strategies.asyncdiff import _attention_flops, balanced_split, denoiser_blocks  # noqa: E402
-from engine.strategies.base import denoiser_of  # noqa: E402
+from engine.engine import Engine
+from engine.loading import load_pipeline
+from engine.protocol import GenerationRequest
+from engine.strategies.asyncdiff import _attention_flops, balanced_split, denoiser_blocks
+from engine.strategies.base import denoiser_of
 
 PROMPTS = {"cogvideox": "a red circle", "audioldm2": "a dog barking"}
 

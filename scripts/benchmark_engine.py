@@ -1,6 +1,6 @@
 """Engine benchmarks: ParaStep speedup vs the ideal bound, traffic vs the formula, engine overhead.
 
-    .venv/bin/python scripts/benchmark_engine.py [--model tiny-cogvideox] [--steps 50] [--warmup 5]
+    .venv/bin/python -m scripts.benchmark_engine [--model tiny-cogvideox] [--steps 50] [--warmup 5]
 
 Prints a Markdown report (paste it into docs/benchmarks.md). Ratios are measured in one run, on one
 machine; nothing here is asserted by the test suite.
@@ -12,17 +12,13 @@ import argparse
 import dataclasses
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.compare import compare  # noqa: E402
-from engine.devices import cpu_cores  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.protocol import GenerationRequest  # noqa: E402
-from engine.strategies.parastep import expected_traffic  # noqa: E402
+from engine.compare import compare
+from engine.devices import cpu_cores
+from engine.engine import Engine
+from engine.protocol import GenerationRequest
+from engine.strategies.parastep import expected_traffic
 
 
 def stock_denoise_seconds(plan, repeats: int) -> list[float]:

@@ -1,6 +1,6 @@
 """ParaStep variants against published ParaStep and sequential, on CPU workers (docs/parastep-variants.md).
 
-    nice -n 5 .venv/bin/python scripts/benchmark_parastep_variants.py [--models a,b] [--ranks 2,3]
+    nice -n 5 .venv/bin/python -m scripts.benchmark_parastep_variants [--models a,b] [--ranks 2,3]
         [--steps 20] [--adaptive 10] [--repeats 2] [--no-sweep]
 
 For each embedded model (the tiny ones, and the trained `shapes`/`tones` when present) and each
@@ -29,15 +29,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.compare import compare  # noqa: E402
-from engine.devices import cpu_cores  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.models import adapter_for  # noqa: E402
-from engine.protocol import GenerationRequest  # noqa: E402
-from engine.strategies.parastep import expected_traffic  # noqa: E402
-from resources import EMBEDDED_MODELS_DIR  # noqa: E402
+from engine.compare import compare
+from engine.devices import cpu_cores
+from engine.engine import Engine
+from engine.models import adapter_for
+from engine.protocol import GenerationRequest
+from engine.strategies.parastep import expected_traffic
+from resources import EMBEDDED_MODELS_DIR
 
 TINY = ("tiny-cogvideox", "tiny-svd", "tiny-audioldm2")
 TRAINED = ("shapes", "tones")

@@ -1,6 +1,6 @@
 """Every registered strategy on every family: speedup vs ideal, bytes vs formula, fidelity.
 
-    .venv/bin/python scripts/benchmark_strategies.py [--models shapes,tiny-svd,tones] [--steps 20]
+    .venv/bin/python -m scripts.benchmark_strategies [--models shapes,tiny-svd,tones] [--steps 20]
         [--ranks 2,3,4] [--strategies all] [--repeat 1] [--json FILE]
 
 For each model it runs `sequential@cpu:1` first (the reference), then each strategy on one CPU
@@ -23,15 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.catalog import ModelCatalog  # noqa: E402
-from engine.compare import compare  # noqa: E402
-from engine.devices import cpu_cores  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.errors import UserError  # noqa: E402
-from engine.protocol import GenerationRequest  # noqa: E402
-from engine.strategies import STRATEGIES  # noqa: E402
+from engine.catalog import ModelCatalog
+from engine.compare import compare
+from engine.devices import cpu_cores
+from engine.engine import Engine
+from engine.errors import UserError
+from engine.protocol import GenerationRequest
+from engine.strategies import STRATEGIES
 
 PROMPTS = {
     "cogvideox": "a red circle moving right on a blue background",

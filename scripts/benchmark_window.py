@@ -1,6 +1,6 @@
 """Window benchmark: the longest event-loop stall of the main window while previews stream at full rate.
 
-    .venv/bin/python scripts/benchmark_window.py [--seconds 10] [--frames 13] [--size 360x240] [--ranks 4]
+    .venv/bin/python -m scripts.benchmark_window [--seconds 10] [--frames 13] [--size 360x240] [--ranks 4]
 
 A fake engine (a child process speaking docs/protocol.md on a local socket) answers the window's
 hello, queue and catalog, and on `submit` streams one job as fast as the socket takes it: for every
@@ -32,10 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.protocol import PROTOCOL_VERSION  # noqa: E402
-from engine.wire import MessageReader, encode_message  # noqa: E402
+from engine.protocol import PROTOCOL_VERSION
+from engine.wire import MessageReader, encode_message
 
 TICK_MS = 5
 IDLE_S = 2.0

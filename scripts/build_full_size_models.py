@@ -1,6 +1,6 @@
 """Build full-size random-weight pipelines from the published configurations in ``resources/configs``.
 
-    .venv/bin/python scripts/build_full_size_models.py [NAME ...] --out DIR [--layout folder|hf-cache]
+    .venv/bin/python -m scripts.build_full_size_models [NAME ...] --out DIR [--layout folder|hf-cache]
         [--reduced] [--device cpu|cuda] [--dtype auto|fp32|fp16|bf16] [--force]
 
 NAME is any of cogvideox-2b, svd, svd-xt, audioldm2-large, wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.2-t2v-a14b,
@@ -39,14 +39,11 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "resources" / "configs"
 SEED = 0

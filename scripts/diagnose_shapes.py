@@ -1,6 +1,6 @@
 """Where the `shapes` model loses a shape: the VAE, the denoiser at each noise level, or the guidance.
 
-    .venv/bin/python scripts/diagnose_shapes.py [--model shapes] [--shape triangle] [--clips 12]
+    .venv/bin/python -m scripts.diagnose_shapes [--model shapes] [--shape triangle] [--clips 12]
 
 Prints three measurements (docs/models.md quotes them):
 

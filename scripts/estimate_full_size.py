@@ -1,8 +1,8 @@
 """Full-size figures without a GPU: FLOPs and message sizes counted on the meta device, step times estimated.
 
-    .venv/bin/python scripts/estimate_full_size.py [--models cogvideox-2b,svd,svd-xt,audioldm2-large]
+    .venv/bin/python -m scripts.estimate_full_size [--models cogvideox-2b,svd,svd-xt,audioldm2-large]
         [--peak-tflops 989.4] [--efficiency 0.40] [--json FILE]
-    .venv/bin/python scripts/estimate_full_size.py --models wan2.1-t2v-1.3b,wan2.1-t2v-14b,wan2.2-t2v-a14b,...
+    .venv/bin/python -m scripts.estimate_full_size --models wan2.1-t2v-1.3b,wan2.1-t2v-14b,wan2.2-t2v-a14b,...
 
 Wan (separate guidance calls, `WAN_RUNS`): one denoiser call is one guidance pass at batch 1, a step
 makes two; the latent is float32, the prediction a step sends is both calls' outputs in the transformer
@@ -30,18 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from build_full_size_models import MODELS as BUILD_SPECS  # noqa: E402
-from build_full_size_models import ModelSpec, component_config, model_index  # noqa: E402
-from gpu_benchmarks import message_sizes, projection_table  # noqa: E402
-
-from engine.projection import PUBLISHED_PARASTEP, StepProfile  # noqa: E402
+from engine.projection import PUBLISHED_PARASTEP, StepProfile
+from scripts.build_full_size_models import MODELS as BUILD_SPECS
+from scripts.build_full_size_models import ModelSpec, component_config, model_index
+from scripts.gpu_benchmarks import message_sizes, projection_table
 
 LAUNCH_S = 6e-6  # per kernel, eager PyTorch on a recent GPU
 LOOP_S = 2e-3  # scheduler step, guidance and Python per loop step

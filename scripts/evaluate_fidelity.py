@@ -1,6 +1,6 @@
 """Does a parallel strategy keep the meaning? Fidelity and semantic pass rates per strategy, trained models.
 
-    nice -n 19 .venv/bin/python scripts/evaluate_fidelity.py [--models shapes,tones] [--seeds 1]
+    nice -n 19 .venv/bin/python -m scripts.evaluate_fidelity [--models shapes,tones] [--seeds 1]
         [--strategies sequential@cpu:1,parastep@cpu:2,parastep@cpu:3,parastep@cpu:4,batchstep@cpu:1]
         [--stride 1] [--option warmup=3] [--json FILE]
 
@@ -24,20 +24,17 @@ import itertools
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.compare import parse_strategy_specs  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.metrics import fidelity, json_safe, relative_l2  # noqa: E402
-from engine.protocol import GenerationRequest  # noqa: E402
-from resources import shapes_data, tones_data  # noqa: E402
+from engine.compare import parse_strategy_specs
+from engine.engine import Engine
+from engine.metrics import fidelity, json_safe, relative_l2
+from engine.protocol import GenerationRequest
+from resources import shapes_data, tones_data
 
 DEFAULT_STRATEGIES = "sequential@cpu:1,parastep@cpu:2,parastep@cpu:3,parastep@cpu:4,batchstep@cpu:1"
 

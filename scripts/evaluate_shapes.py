@@ -1,6 +1,6 @@
 """Semantic pass rates of the `shapes` model over the full prompt grid, through the engine.
 
-    nice -n 19 .venv/bin/python scripts/evaluate_shapes.py [--model shapes] [--seeds 3] [--json FILE]
+    nice -n 19 .venv/bin/python -m scripts.evaluate_shapes [--model shapes] [--seeds 3] [--json FILE]
 
 Every colour x shape x motion combination is generated with each seed (0 .. seeds-1); the background
 rotates with the seed, so three seeds cover all 270 prompts once. Each clip goes through the real code

@@ -2,7 +2,7 @@
 the real engine (sequential on cpu:1), with pass rates per attribute written to the "tones" section of
 docs/models.md.
 
-    nice -n 19 .venv/bin/python scripts/evaluate_tones.py [--seeds 3] [--model tones] [--no-write]
+    nice -n 19 .venv/bin/python -m scripts.evaluate_tones [--seeds 3] [--model tones] [--no-write]
 
 Attributes (resources/tones_data.check): ``pitch`` (the spectral peak within 3% of the asked pitch: tones,
 notes and beeps), ``chord`` (each of the three notes within 3% of one of the three strongest peaks),
@@ -20,10 +20,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from resources import tones_data as td
 
-from resources import tones_data as td  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SECTION = "## tones"
 
@@ -156,7 +155,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the section, do not write it")
     args = parser.parse_args()
     results = evaluate(args.model, args.seeds, args.steps)
-    command = "python scripts/evaluate_tones.py" + "".join(
+    command = "python -m scripts.evaluate_tones" + "".join(
         f" {arg}" for arg in sys.argv[1:] if not arg.startswith("--no-write")
     )
     text = report(results, args.seeds, command.strip())

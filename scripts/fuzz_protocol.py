@@ -35,11 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from engine.client import EngineClient, EngineError
+from engine.wire import HEADER, MAX_MESSAGE_BYTES, loads_strict
 
-from engine.client import EngineClient, EngineError  # noqa: E402
-from engine.wire import HEADER, MAX_MESSAGE_BYTES, loads_strict  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 NO_MODEL = {"model": "no-such-model-here", "prompt": "a red circle", "steps": 2}
 GOOD_JOB = {

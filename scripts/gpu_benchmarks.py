@@ -1,9 +1,9 @@
 """GPU figures for the full-size models (issue 7): step time, memory, engine and preview cost, BatchStep,
 cache baselines, memory options, message sizes and projected multi-GPU speedups.
 
-    .venv/bin/python scripts/gpu_benchmarks.py [--models cogvideox-2b,svd,audioldm2-large]
+    .venv/bin/python -m scripts.gpu_benchmarks [--models cogvideox-2b,svd,audioldm2-large]
         [--models-dir DIR | HF_HUB_CACHE=DIR] [--device cuda] [--steps N] [--json FILE] [--markdown FILE]
-    .venv/bin/python scripts/gpu_benchmarks.py --device cpu --reduced --models-dir DIR   # CPU check
+    .venv/bin/python -m scripts.gpu_benchmarks --device cpu --reduced --models-dir DIR   # CPU check
 
 The models are the random-weight full-size pipelines of scripts/build_full_size_models.py, found through
 the catalog: by default by their hub names (THUDM/CogVideoX-2b, ...) in the Hugging Face cache, exactly as
@@ -55,9 +55,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.projection import (  # noqa: E402
+from engine.projection import (
     LINKS,
     PUBLISHED_PARASTEP,
     StepProfile,

@@ -31,11 +31,11 @@ $PY -c "import platform, torch, diffusers, transformers; print('python', platfor
 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
 
 if [[ $CPU == 1 ]]; then
-    nice -n 10 $PY scripts/build_full_size_models.py $MODELS --reduced --layout hf-cache --out "$OUT/hub"
+    nice -n 10 $PY -m scripts.build_full_size_models $MODELS --reduced --layout hf-cache --out "$OUT/hub"
     # The GPU tests need a GPU: on the CPU only check that they are collected and deselected by default
     # (pytest exits 5, "no tests ran").
     .venv/bin/pytest -q tests/test_gpu.py | tail -1 || true
-    HF_HUB_CACHE="$OUT/hub" nice -n 10 $PY scripts/gpu_benchmarks.py --device cpu --reduced \
+    HF_HUB_CACHE="$OUT/hub" nice -n 10 $PY -m scripts.gpu_benchmarks --device cpu --reduced \
         --models "${MODELS// /,}" --repeats 3 --json "$OUT/gpu_benchmarks.json" \
         --markdown "$OUT/gpu_benchmarks.md" ${BENCH_ARGS:-}
     exit 0
@@ -43,9 +43,9 @@ fi
 
 nvidia-smi | tee "$OUT/nvidia-smi.txt"
 nvidia-smi topo -m >> "$OUT/nvidia-smi.txt" 2>&1 || true
-$PY scripts/build_full_size_models.py $MODELS --layout hf-cache --device cuda --out "$OUT/hub"
+$PY -m scripts.build_full_size_models $MODELS --layout hf-cache --device cuda --out "$OUT/hub"
 export HF_HUB_CACHE="$OUT/hub" PARASTEP_FULL_SIZE_CACHE="$OUT/hub"
 # The GPU tests; a failure is recorded and the benchmarks still run.
 .venv/bin/pytest -m gpu -q tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.txt" || true
-$PY scripts/gpu_benchmarks.py --device cuda --models "${MODELS// /,}" \
+$PY -m scripts.gpu_benchmarks --device cuda --models "${MODELS// /,}" \
     --json "$OUT/gpu_benchmarks.json" --markdown "$OUT/gpu_benchmarks.md" ${BENCH_ARGS:-}

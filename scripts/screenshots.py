@@ -1,6 +1,6 @@
 """Screenshots of the real window, driving the real engine: remakes docs/screenshots/*.png.
 
-    .venv/bin/python scripts/screenshots.py [--out docs/screenshots] [--use-display]
+    .venv/bin/python -m scripts.screenshots [--out docs/screenshots] [--use-display]
 
 Without `--use-display` it starts its own X server (Xvfb; `apt-get install xvfb`) and runs the
 window on it through Qt's xcb platform; with it, the window opens on $DISPLAY. The engine, its queue,
@@ -27,10 +27,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from engine.protocol import GenerationRequest
 
-from engine.protocol import GenerationRequest  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SCREEN = (1600, 1000)
 WINDOW = (1500, 940)

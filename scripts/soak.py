@@ -1,6 +1,6 @@
 """Soak: many small jobs through a real engine process, with cancels and failures among them.
 
-    nice -n 5 .venv/bin/python scripts/soak.py [--jobs 200] [--seed 0] [--root DIR] [--series FILE]
+    nice -n 5 .venv/bin/python -m scripts.soak [--jobs 200] [--seed 0] [--root DIR] [--series FILE]
 
 Starts `python -m app.engine_main` on a private socket, then submits jobs one after the other over the
 socket (`engine.client`): a random mix of the embedded models, of every strategy in the registry
@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from engine.client import EngineClient
+from engine.wire import HEADER
 
-from engine.client import EngineClient  # noqa: E402
-from engine.wire import HEADER  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS = {
     "tiny-cogvideox": {"prompt": "a red circle", "frames": 9, "height": 64, "width": 96},
@@ -537,7 +536,7 @@ def main() -> int:
     print(f"\n## Soak: {args.jobs} jobs, seed {args.seed}\n")
     print(
         f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; command: nice -n 5 .venv/bin/python scripts/soak.py "
+        f"{platform.python_version()}; command: nice -n 5 .venv/bin/python -m scripts.soak "
         f"--jobs {args.jobs} --seed {args.seed}"
     )
     for key, value in summary.items():

@@ -1,6 +1,6 @@
 """Which strategy the engine plans on which family, and the reason where it refuses: planned, not assumed.
 
-    .venv/bin/python scripts/strategy_availability.py [--models tiny-wan,wan-a14b,wan-ti2v,shapes,...]
+    .venv/bin/python -m scripts.strategy_availability [--models tiny-wan,wan-a14b,wan-ti2v,shapes,...]
 
 Every strategy is planned (`Engine.plan`: no workers start, nothing runs) on each model with the
 device count it needs (2 CPU workers for the multi-device ones) and a warm-up of 2 where it takes one.
@@ -17,11 +17,8 @@ import argparse
 import json
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_MODELS = "tiny-wan,wan-a14b,wan-ti2v"
 

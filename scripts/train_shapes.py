@@ -1,6 +1,6 @@
 """Train the embedded `shapes` text-to-video model (CogVideoX architecture) on procedural clips.
 
-    nice -n 19 .venv/bin/python scripts/train_shapes.py [--out resources/models/shapes] > train.log
+    nice -n 19 .venv/bin/python -m scripts.train_shapes [--out resources/models/shapes] > train.log
 
 Stages (``--stage``; ``all`` runs them in order, each saving into ``--work``):
 

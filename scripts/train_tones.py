@@ -1,6 +1,6 @@
 """Train the embedded ``tones`` text-to-audio model (AudioLDM2 architecture) on sounds synthesised here.
 
-    nice -n 19 .venv/bin/python scripts/train_tones.py all > build/tones_train.log 2>&1
+    nice -n 19 .venv/bin/python -m scripts.train_tones all > build/tones_train.log 2>&1
 
 Stages, each saving into ``--work`` (default build/tones_train) so that they can run separately:
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -40,10 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from resources import tones_data as td
 
-from resources import tones_data as td  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SEED = 0
 CLIPS: list[int] = []  # clips per prompt, from the command line

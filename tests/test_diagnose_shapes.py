@@ -3,19 +3,13 @@ and follows the prompt, so the figures docs/models.md quotes from it measure the
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import diagnose_shapes  # noqa: E402
-
 from resources import EMBEDDED_MODELS_DIR  # noqa: E402
 from resources import shapes_data as data  # noqa: E402
+from scripts import diagnose_shapes
 
 pytestmark = pytest.mark.slow
 

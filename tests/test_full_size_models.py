@@ -7,16 +7,11 @@ the layout test builds the --reduced variant, which goes through the same code.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import build_full_size_models as builder  # noqa: E402
+from scripts import build_full_size_models as builder
 
 # Parameters implied by the published weight files (size / bytes per parameter), with their source.
 PUBLISHED_PARAMETERS = {

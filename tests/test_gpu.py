@@ -103,13 +103,10 @@ def conditioning_image(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reduced_hub(tmp_path_factory):
     """The --reduced builds in a HF cache layout: the full-size code path, small weights, made on the GPU."""
-    import sys
-    from pathlib import Path
+    from scripts import build_full_size_models
 
     if gpus() == 0:
         pytest.fail("the gpu marker was selected on a machine without a CUDA GPU")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import build_full_size_models
 
     out = tmp_path_factory.mktemp("hub")
     names = [name for name, _, _ in PUBLISHED.values()]
