@@ -135,7 +135,7 @@ def test_wan_reduced_configs_build_on_meta_with_consistent_widths(name):
 
 def test_wan_estimate_shapes_and_solver_state():
     """The published sampling the estimates use, and the UniPC state ParaStep's sync_solver broadcasts."""
-    import estimate_full_size as estimate
+    from scripts import estimate_full_size as estimate
 
     assert estimate.wan_latent_shape("wan2.1-t2v-1.3b") == (1, 16, 21, 60, 104)  # 81 x 480x832
     assert estimate.wan_latent_shape("wan2.2-t2v-a14b") == (1, 16, 21, 90, 160)  # 81 x 720x1280
