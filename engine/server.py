@@ -624,7 +624,7 @@ class EngineServer:
             ]
             reply = {
                 "type": "catalog",
-                "models": [entry.to_dict() for entry in entries],
+                "models": [{**entry.to_dict(), **_family_facts(entry)} for entry in entries],
                 "strategies": strategies,
                 "devices": [device.to_dict() for device in inventory()],
             }
@@ -805,6 +805,17 @@ class EngineServer:
             if message is None:
                 return  # kept; the socket thread sends the newest when its interval has passed
         self._post(None, message)
+
+
+def _family_facts(entry: Any) -> dict[str, Any]:
+    """The family's facts from its adapter (modality, conditioning, published steps and warm-up), so
+    the window needs no table of its own; nothing for a folder whose pipeline class is unknown."""
+    from engine.models import adapter_for
+
+    try:
+        return adapter_for(entry).describe()
+    except UserError:
+        return {}
 
 
 def _job_id(message: dict[str, Any]) -> str:

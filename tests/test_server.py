@@ -169,8 +169,19 @@ def test_hello_gets_welcome_and_a_newer_client_is_refused(engine_process):
 def test_catalog_lists_models_strategies_and_devices(engine_process):
     client = engine_process.hello()
     catalog = client.call({"type": "catalog"}, "catalog", timeout=60)
-    names = {model["name"] for model in catalog["models"]}
-    assert {"tiny-cogvideox", "tiny-svd", "tiny-audioldm2"} <= names
+    models = {model["name"]: model for model in catalog["models"]}
+    assert {
+        "tiny-cogvideox",
+        "tiny-svd",
+        "tiny-audioldm2",
+        "tiny-wan",
+        "tiny-ltx",
+        "tiny-stable-audio",
+    } <= set(models)
+    # Each model carries its family's facts from the adapter: the window keeps no table of them.
+    assert models["tiny-stable-audio"]["modality"] == "audio" and models["tiny-wan"]["modality"] == "video"
+    assert models["tiny-svd"]["conditioning"] == "image" and models["tiny-ltx"]["conditioning"] == "text"
+    assert (models["tiny-wan"]["published_steps"], models["tiny-wan"]["published_warmup"]) == (50, 12)
     strategies = {s["name"]: s for s in catalog["strategies"]}
     assert set(strategies) == set(STRATEGIES)
     assert strategies["parastep"]["max_devices"] is None and strategies["sequential"]["max_devices"] == 1

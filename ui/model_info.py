@@ -1,10 +1,9 @@
 """What the window needs to know about a catalog entry: its modality, its inputs, its defaults.
 
 The catalog (docs/protocol.md, `catalog` reply) describes models as the engine sees them; this
-module turns one entry into answers for the request panel. Where an entry does not say (an older
-engine, a checkpoint without studio.json), the family's published figures below are used; they
-mirror the engine's family adapters and only feed what the window displays (the engine fills in
-and checks the real defaults).
+module turns one entry into answers for the request panel. The engine reports each model's family
+facts (modality, conditioning, published steps and warm-up) from the family's adapter; the figures
+below only stand in where an entry does not carry them (an older engine).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ FAMILIES: dict[str, tuple[str, str, int, int]] = {
     "cogvideox": ("video", "text", 50, 13),
     "svd": ("video", "image", 50, 5),
     "audioldm2": ("audio", "text", 200, 5),
-    "ltx": ("video", "text", 50, 12),
     "generic": ("video", "text", 50, 5),
 }
 VIDEO_FIELDS = ("frames", "height", "width", "fps")

@@ -19,6 +19,7 @@ from engine.protocol import MAX_SIDE, MAX_STEPS, GenerationRequest, check_values
 class FamilyAdapter:
     family = "base"
     modality = "video"  # video | audio
+    conditioning = "text"  # text | image (the request needs --image)
     # Published defaults: steps and ParaStep warm-up (the warm-up scales with fewer steps).
     published_steps = 50
     published_warmup = 5
@@ -169,7 +170,14 @@ class FamilyAdapter:
         return frames.permute(0, 3, 1, 2)  # [1, 3, H, W]
 
     def describe(self) -> dict[str, Any]:
-        return {"family": self.family, "modality": self.modality}
+        """What the window shows and computes with for a model of this family (the catalog reply)."""
+        return {
+            "family": self.family,
+            "modality": self.modality,
+            "conditioning": self.conditioning,
+            "published_steps": self.published_steps,
+            "published_warmup": self.published_warmup,
+        }
 
 
 @dataclasses.dataclass(frozen=True)

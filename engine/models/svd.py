@@ -64,6 +64,7 @@ def _size_of(exc: Exception) -> str:
 
 class SVDAdapter(FamilyAdapter):
     family = "svd"
+    conditioning = "image"
     denoiser_class = "UNetSpatioTemporalConditionModel"
     denoiser_component = "unet"
     modality = "video"
