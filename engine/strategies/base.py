@@ -245,11 +245,7 @@ class Strategy:
                 "Use parastep, batchstep, cfg-parallel or sequential for this pipeline.",
             )
         if self.needs_every_step and self.calls_per_step is not None and self.call >= self.calls_per_step:
-            raise UserError(
-                f"The loop calls the denoiser {self.call + 1} times in step {self.step} where step 0 had "
-                f"{self.calls_per_step}; '{self.name}' needs the same calls at every step.",
-                "Use the sequential strategy for this pipeline.",
-            )
+            self._refuse_call_layout(self.call + 1)
         if not self._timed_first:
             self._timed_first = True
             self._check_step_count()
@@ -257,6 +253,14 @@ class Strategy:
         output = self.denoise(forward, args, kwargs)
         self.call += 1
         return output
+
+    def _refuse_call_layout(self, calls: int) -> None:
+        """Every rank meets the same loop, so all refuse at the same call: nobody waits on a peer."""
+        raise UserError(
+            f"The loop calls the denoiser {calls} times in step {self.step} where step 0 had "
+            f"{self.calls_per_step}; '{self.name}' needs the same calls at every step.",
+            "Use the sequential strategy for this pipeline.",
+        )
 
     def _check_step_count(self) -> None:
         """Round arithmetic assumes the loop runs the requested step count; a pipeline that trims
@@ -275,18 +279,14 @@ class Strategy:
         if self.calls_per_step is None:
             self.calls_per_step = self.call
         elif self.needs_every_step and self.call != self.calls_per_step:
-            raise UserError(
-                f"The loop called the denoiser {self.call} times in step {self.step} where step 0 had "
-                f"{self.calls_per_step}; '{self.name}' needs the same calls at every step.",
-                "Use the sequential strategy for this pipeline.",
-            )
+            self._refuse_call_layout(self.call)
         self.noise = args[0] if args else kwargs.get("model_output")
         self.last_step_kwargs = {k: v for k, v in kwargs.items() if k != "model_output"}
         output = original_step(*args, **kwargs, return_dict=True)
         self.latent = output.prev_sample
         self.after_step(output.prev_sample)
         x0 = getattr(output, "pred_original_sample", None)
-        if x0 is None and self._installed is not None:
+        if x0 is None and self._installed is not None and self.ctx.rank == 0:  # only rank 0 previews
             x0 = estimated_x0(self._installed[1], args, kwargs, self.noise)
         self.ctx.on_step(StepReport(self.step, self._action, self._step_compute, self._step_wait, x0))
         self.step += 1
@@ -404,7 +404,8 @@ def estimated_x0(scheduler: Any, args: tuple, kwargs: dict, noise: Any) -> torch
     return (sample.float() - sigma * noise.float()).to(sample.dtype)
 
 
-DENOISER_NAMES = ("transformer", "transformer_2", "unet")  # transformer_2: Wan 2.2's low-noise expert
+# diffusers' component names for denoisers; transformer_2 is a second expert (Wan 2.2 A14B's low-noise one).
+DENOISER_NAMES = ("transformer", "transformer_2", "unet")
 
 
 def denoisers_of(pipe: Any) -> list[torch.nn.Module]:
