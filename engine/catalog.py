@@ -21,6 +21,7 @@ FAMILIES = {
     "StableVideoDiffusionPipeline": "svd",
     "AudioLDM2Pipeline": "audioldm2",
     "WanPipeline": "wan",
+    "WanImageToVideoPipeline": "wan-i2v",
     "StableAudioPipeline": "stable-audio",
     "LTXPipeline": "ltx",
     "HunyuanVideo15Pipeline": "hunyuanvideo15",

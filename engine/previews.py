@@ -149,7 +149,7 @@ def write_model_factors(folder: Path, image: str | None = None) -> Path:
     adapter = adapter_for(entry)
     pipe = load_pipeline(entry, "cpu", torch.float32)
     with tempfile.TemporaryDirectory() as scratch:
-        if entry.family == "svd" and image is None:
+        if adapter.conditioning == "image" and image is None:
             from PIL import Image
 
             image = str(Path(scratch) / "gradient.png")

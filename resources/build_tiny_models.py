@@ -9,6 +9,7 @@ Run with ``python -m resources.build_tiny_models [NAME ...] [--out DIR]``. It wr
 * ``tiny-wan``: a ``WanPipeline`` (text to video) laid out like Wan-AI/Wan2.1-T2V-1.3B-Diffusers;
 * ``tiny-stable-audio``: a ``StableAudioPipeline`` (text to 44.1 kHz stereo audio) laid out like
   stabilityai/stable-audio-open-1.0;
+* ``tiny-wan-i2v``: a ``WanImageToVideoPipeline`` laid out like Wan-AI/Wan2.1-I2V-14B-480P-Diffusers;
 * ``tiny-wan-a14b``: the same with two experts (``transformer``, ``transformer_2`` and a
   ``boundary_ratio``), laid out like Wan-AI/Wan2.2-T2V-A14B-Diffusers (built by the tests, not shipped);
 * ``tiny-ltx``: an ``LTXPipeline`` (text to video) laid out like Lightricks/LTX-Video (0.9.0).
@@ -69,6 +70,7 @@ from diffusers import (
     StableVideoDiffusionPipeline,
     UNetSpatioTemporalConditionModel,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -84,6 +86,7 @@ from transformers import (
     ClapTextConfig,
     CLIPImageProcessor,
     CLIPVisionConfig,
+    CLIPVisionModel,
     CLIPVisionModelWithProjection,
     GPT2Config,
     GPT2LMHeadModel,
@@ -534,14 +537,20 @@ def build_audioldm2() -> Built:
 WAN_DEFAULTS = {"steps": 20, "frames": 9, "height": 64, "width": 96, "fps": 16, "guidance_scale": 5.0}
 
 
-def build_wan_transformer(num_layers: int = 2, heads: int = 2, head_dim: int = 12) -> WanTransformer3DModel:
-    """Wan's DiT (3D rotary positions, cross-attention to the text); head_dim a multiple of 6 (rope)."""
+def build_wan_transformer(
+    num_layers: int = 2, heads: int = 2, head_dim: int = 12, image_dim: int | None = None
+) -> WanTransformer3DModel:
+    """Wan's DiT (3D rotary positions, cross-attention to the text); head_dim a multiple of 6 (rope).
+    `image_dim`: Wan 2.1 I2V's, whose input also holds the image latents and a first-frame mask
+    (16 + 4 + 16 channels) and whose cross-attention also reads CLIP image embeddings."""
     torch.manual_seed(SEED)
+    image = {"image_dim": image_dim, "added_kv_proj_dim": heads * head_dim} if image_dim else {}
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
         attention_head_dim=head_dim,
-        in_channels=16,
+        in_channels=36 if image_dim else 16,
+        **image,
         out_channels=16,
         text_dim=32,
         freq_dim=64,
@@ -607,6 +616,37 @@ def build_wan(experts: int = 1, num_layers: int = 2) -> Built:
     layout = "Wan 2.2 A14B layout, two experts" if experts == 2 else "Wan 2.1 T2V layout"
     description = f"Tiny random-weight Wan ({layout}) for tests and CPU benchmarks; outputs noise."
     return pipe, {"family": "wan", "description": description, "defaults": dict(WAN_DEFAULTS)}
+
+
+def build_wan_i2v() -> Built:
+    """Wan 2.1 image to video (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers layout): the text-to-video parts, a
+    CLIP vision encoder (its penultimate hidden states are the image embeddings) and the I2V DiT."""
+    t2v, studio = build_wan()
+    embed_dim = 32
+    torch.manual_seed(SEED)
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=embed_dim,
+            intermediate_size=2 * embed_dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,  # the pipeline's CLIP processor resizes the image to 224x224
+            patch_size=14,
+        )
+    )
+    pipe = WanImageToVideoPipeline(
+        tokenizer=t2v.tokenizer,
+        text_encoder=t2v.text_encoder,
+        vae=t2v.vae,
+        scheduler=t2v.scheduler,
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+        ),
+        image_encoder=image_encoder,
+        transformer=build_wan_transformer(image_dim=embed_dim),
+    )
+    description = "Tiny random-weight Wan image-to-video (Wan 2.1 I2V layout) for tests; outputs noise."
+    return pipe, {"family": "wan-i2v", "description": description, "defaults": dict(WAN_DEFAULTS)}
 
 
 # --- Stable Audio Open (text to audio), laid out like stabilityai/stable-audio-open-1.0 -----------------
@@ -868,6 +908,7 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "tiny-audioldm2": build_audioldm2,
     "tiny-wan": build_wan,
     "tiny-wan-a14b": lambda: build_wan(experts=2),
+    "tiny-wan-i2v": build_wan_i2v,
     "tiny-stable-audio": build_stable_audio,
     "tiny-ltx": build_ltx,
     "tiny-hunyuan-video15": build_hunyuan_video15,
@@ -877,6 +918,7 @@ SHIPPED = (
     "tiny-svd",
     "tiny-audioldm2",
     "tiny-wan",
+    "tiny-wan-i2v",
     "tiny-stable-audio",
     "tiny-ltx",
 )  # the others: built by the tests

@@ -1,5 +1,6 @@
 """A single-process reference of ParaStep on a loop that calls its denoiser several times per step:
-Wan's (a conditional and an unconditional call, combined by the loop; two experts in Wan 2.2).
+Wan's (a conditional and an unconditional call, combined by the loop; two experts in Wan 2.2; image to
+video appends the image's latents to the latent and passes CLIP image embeddings).
 
 Written independently of engine.strategies and engine.worker: nothing is imported from them.
 
@@ -32,7 +33,10 @@ class WanRecording:
     boundary: float | None  # timestep at which transformer_2 takes over (None: one expert)
     scheduler: Any  # state just before step 0 (a private copy)
     x0: torch.Tensor
-    embeds: list[torch.Tensor]  # per call of a step: conditional, then unconditional
+    # Per call of a step (conditional, then unconditional): its text embeddings and, image to video,
+    # the CLIP image embeddings.
+    call_kwargs: list[dict[str, Any]]
+    condition: torch.Tensor | None  # image to video: the channels the loop appends to the latent
     guidance: tuple[float, float]  # (transformer's, transformer_2's)
     stock_latents: torch.Tensor
 
@@ -42,7 +46,14 @@ class WanRecording:
 
 
 def stock_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    image = {}
+    if params.get("image"):
+        from PIL import Image
+
+        with Image.open(params["image"]) as opened:
+            image = {"image": opened.convert("RGB")}
     return {
+        **image,
         "prompt": params["prompt"],
         "negative_prompt": params.get("negative_prompt") or None,
         "num_frames": params["frames"],
@@ -57,12 +68,12 @@ def stock_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 
 def record(pipe: Any, params: dict[str, Any]) -> WanRecording:
     experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
-    embeds: list[torch.Tensor] = []
+    recorded: list[dict[str, Any]] = []
     seen: dict[str, Any] = {}
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
         if "x0" not in seen:  # step 0's calls
-            embeds.append(kwargs["encoder_hidden_states"])
+            recorded.append(dict(kwargs))
 
     scheduler = pipe.scheduler
     original_step = scheduler.step
@@ -88,12 +99,16 @@ def record(pipe: Any, params: dict[str, Any]) -> WanRecording:
     ratio = pipe.config.boundary_ratio
     boundary = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
     scale = params["guidance_scale"]
+    channels = seen["x0"].shape[1]
+    hidden = recorded[0]["hidden_states"]
+    keep = ("encoder_hidden_states", "encoder_hidden_states_image")
     return WanRecording(
         experts=experts,
         boundary=boundary,
         scheduler=seen["scheduler"],
         x0=seen["x0"],
-        embeds=embeds,
+        call_kwargs=[{k: call[k] for k in keep if call.get(k) is not None} for call in recorded],
+        condition=hidden[:, channels:] if hidden.shape[1] > channels else None,
         guidance=(scale, scale),  # the pipeline's guidance_scale_2 defaults to guidance_scale
         stock_latents=latents.clone(),
     )
@@ -106,11 +121,12 @@ def high_noise(rec: WanRecording, t: torch.Tensor) -> bool:
 def calls(rec: WanRecording, latent: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
     """The raw outputs of one step's calls at `latent`, as the loop makes them."""
     model = rec.experts[0] if high_noise(rec, t) else rec.experts[1]
-    hidden = latent.to(model.dtype)
+    hidden = latent if rec.condition is None else torch.cat([latent, rec.condition], dim=1)
+    hidden = hidden.to(model.dtype)
     timestep = t.expand(latent.shape[0])
     return [
-        model(hidden_states=hidden, timestep=timestep, encoder_hidden_states=e, return_dict=False)[0]
-        for e in rec.embeds
+        model(hidden_states=hidden, timestep=timestep, **kwargs, return_dict=False)[0]
+        for kwargs in rec.call_kwargs
     ]
 
 

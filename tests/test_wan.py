@@ -44,10 +44,14 @@ RUNS = {
     "cfg-parallel": ("cfg-parallel", "cpu:2", {}),
     "parastep-3": ("parastep", "cpu:3", {"warmup": WARMUP}),
 }
-MODELS = ["tiny-wan", "wan-a14b"]
+MODELS = ["tiny-wan", "wan-a14b", "tiny-wan-i2v"]
 # The two-expert layout runs what its loop changes (the expert switch under ParaStep and the call
 # pairing); the rest is the same code on the same loop shape, run on tiny-wan only.
-EXPERT_RUNS = ("sequential", "parastep-2", "cfg-parallel")
+# Image to video: the same loop with the image's latents appended to the latent and CLIP embeddings.
+MODEL_RUNS = {
+    "wan-a14b": ("sequential", "parastep-2", "cfg-parallel"),
+    "tiny-wan-i2v": ("sequential", "parastep-2", "cfg-parallel", "batchstep-2"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +61,19 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wan") / "wan-a14b"
     pipe, studio = build_wan(experts=2, num_layers=3)
     save_model(pipe, studio, folder)
-    return {"tiny-wan": EMBEDDED_MODELS_DIR / "tiny-wan", "wan-a14b": folder}
+    return {
+        "tiny-wan": EMBEDDED_MODELS_DIR / "tiny-wan",
+        "wan-a14b": folder,
+        "tiny-wan-i2v": EMBEDDED_MODELS_DIR / "tiny-wan-i2v",
+    }
 
 
-def request(model: str, strategy: str, devices: str, options: dict) -> GenerationRequest:
+def request(
+    model: str, strategy: str, devices: str, options: dict, image: str | None = None
+) -> GenerationRequest:
     return GenerationRequest(
         model=model,
+        image=image,
         **PARAMS,
         seed=SEED,
         steps=STEPS,
@@ -72,17 +83,22 @@ def request(model: str, strategy: str, devices: str, options: dict) -> Generatio
     )
 
 
+def image_of(model: str, conditioning_image: str) -> str | None:
+    return conditioning_image if model == "tiny-wan-i2v" else None
+
+
 @pytest.fixture(scope="module")
-def runs(shared_engine, models):
+def runs(shared_engine, models, conditioning_image):
     cache: dict[str, dict] = {}
 
     def get(model: str, name: str):
         if model not in cache:
             cache[model] = {}
             for run_name, (strategy, devices, options) in RUNS.items():
-                if model == "wan-a14b" and run_name not in EXPERT_RUNS:
+                if run_name not in MODEL_RUNS.get(model, RUNS):
                     continue
-                plan = shared_engine.plan(request(str(models[model]), strategy, devices, options))
+                image = image_of(model, conditioning_image)
+                plan = shared_engine.plan(request(str(models[model]), strategy, devices, options, image))
                 cache[model][run_name] = shared_engine.run(plan, previews=False)
         return cache[model][name]
 
@@ -90,13 +106,14 @@ def runs(shared_engine, models):
 
 
 @pytest.fixture(scope="module")
-def references(models):
+def references(models, conditioning_image):
     cache: dict[str, dict] = {}
 
     def get(model: str) -> dict:
         if model not in cache:
             pipe = oracle.load_pipeline(models[model])
-            rec = oracle_wan.record(pipe, {**PARAMS, "seed": SEED, "steps": STEPS})
+            image = image_of(model, conditioning_image)
+            rec = oracle_wan.record(pipe, {**PARAMS, "seed": SEED, "steps": STEPS, "image": image})
             cache[model] = {
                 "stock": rec.stock_latents.numpy(),
                 "sequential": oracle_wan.sequential(rec).numpy(),
@@ -133,7 +150,9 @@ def test_parastep_one_rank_and_all_warmup_are_sequential(runs):
     assert np.array_equal(runs(model, "parastep-2-all-warmup").latents, sequential)
 
 
-@pytest.mark.parametrize(("model", "ranks"), [("tiny-wan", 2), ("tiny-wan", 3), ("wan-a14b", 2)])
+@pytest.mark.parametrize(
+    ("model", "ranks"), [("tiny-wan", 2), ("tiny-wan", 3), ("wan-a14b", 2), ("tiny-wan-i2v", 2)]
+)
 def test_parastep_matches_the_reference(model, ranks, runs, references):
     latents = runs(model, f"parastep-{ranks}").latents
     assert_close(latents, references(model)[f"parastep-{ranks}"], EXACT, f"{model} parastep N={ranks}")
@@ -167,8 +186,8 @@ def test_parastep_sends_every_call_of_a_step(model, runs):
     assert result.ranks[1]["bytes_sent"] == 2 * 2 * latent_bytes  # rounds of size 2: both calls, twice
 
 
-def test_batchstep_matches_parastep(runs):
-    model = "tiny-wan"
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-wan-i2v"])
+def test_batchstep_matches_parastep(model, runs):
     two = runs(model, "batchstep-2").latents
     assert_close(two, runs(model, "parastep-2").latents, BATCHED, f"{model} batchstep P=2 vs parastep N=2")
     assert_distinct(two, runs(model, "sequential").latents, BATCHED, f"{model} batchstep P=2")

@@ -9,13 +9,14 @@ from engine.models.hunyuan_video15 import HunyuanVideo15Adapter
 from engine.models.ltx import LTXAdapter
 from engine.models.stable_audio import StableAudioAdapter
 from engine.models.svd import SVDAdapter
-from engine.models.wan import WanAdapter
+from engine.models.wan import WanAdapter, WanImageToVideoAdapter
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "cogvideox": CogVideoXAdapter,
     "svd": SVDAdapter,
     "audioldm2": AudioLDM2Adapter,
     "wan": WanAdapter,
+    "wan-i2v": WanImageToVideoAdapter,
     "stable-audio": StableAudioAdapter,
     "ltx": LTXAdapter,
     "hunyuanvideo15": HunyuanVideo15Adapter,

@@ -7,6 +7,7 @@ started, from config files only) and in the workers (arguments, decode, look-ahe
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,6 +208,47 @@ def unet_blocks(denoiser: Any) -> list[tuple[str, Any]]:
 
 def unet_block_count(config: dict[str, Any], has_mid: bool) -> int:
     return 1 + len(config["down_block_types"]) + int(has_mid) + len(config["up_block_types"])
+
+
+MIN_IMAGE_SIDE = 16  # pixels; smaller images carry nothing to animate once resized to the clip
+MAX_IMAGE_PIXELS = 8192 * 8192  # a header may claim anything; PIL itself refuses only past 179M
+
+
+def load_image(path: str | None, model: str) -> Any:
+    """The conditioning image of an image-to-video `model` as RGB, or a clear error (checked from the
+    header before anything is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path:
+        raise UserError(f"{model} needs a conditioning image.", "Pass --image FILE (PNG or JPEG).")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"Image '{file}' does not exist.", "Check the path given to --image.")
+    try:
+        with Image.open(file) as image:
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{width}x{height} pixels")
+            if min(width, height) < MIN_IMAGE_SIDE:
+                raise UserError(
+                    f"Image '{file}' is {width}x{height} pixels; it must be at least "
+                    f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}.",
+                    "Give a larger image (ideally the clip's size, e.g. 1024x576).",
+                )
+            return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise UserError(
+            f"Image '{file}' is too large to open ({_size_of(exc)}; at most {MAX_IMAGE_PIXELS} pixels).",
+            "Give a smaller image (ideally the clip's size, e.g. 1024x576).",
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"Image '{file}' cannot be read ({exc}).", "Give a PNG or JPEG file.") from None
+
+
+def _size_of(exc: Exception) -> str:
+    """PIL's bomb message names the pixel count; keep just that part."""
+    text = str(exc)
+    return text.split(" exceeds ")[0].replace("Image size (", "").rstrip(")") if " exceeds " in text else text
 
 
 def _check_range(name: str, value: Any, low: float, high: float) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ from engine.models.base import (
     FamilyAdapter,
     LatentRows,
     check_multiple,
+    load_image,
     to_uint8_frames,
     unet_block_count,
     unet_blocks,
@@ -20,46 +20,6 @@ from engine.models.base import (
 from engine.protocol import GenerationRequest
 
 MIN_GUIDANCE = 1.0  # the pipeline's min_guidance_scale: guidance rises per frame from this value
-MIN_IMAGE_SIDE = 16  # pixels; smaller images carry nothing to animate once resized to the clip
-MAX_IMAGE_PIXELS = 8192 * 8192  # a header may claim anything; PIL itself refuses only past 179M
-
-
-def load_image(path: str | None) -> Any:
-    """The conditioning image as RGB, or a clear error."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path:
-        raise UserError(
-            "Stable Video Diffusion needs a conditioning image.", "Pass --image FILE (PNG or JPEG)."
-        )
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"Image '{file}' does not exist.", "Check the path given to --image.")
-    try:
-        with Image.open(file) as image:
-            width, height = image.size  # from the header: nothing decoded yet
-            if width * height > MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"{width}x{height} pixels")
-            if min(width, height) < MIN_IMAGE_SIDE:
-                raise UserError(
-                    f"Image '{file}' is {width}x{height} pixels; it must be at least "
-                    f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}.",
-                    "Give a larger image (ideally the clip's size, e.g. 1024x576).",
-                )
-            return image.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise UserError(
-            f"Image '{file}' is too large to open ({_size_of(exc)}; at most {MAX_IMAGE_PIXELS} pixels).",
-            "Give a smaller image (ideally the clip's size, e.g. 1024x576).",
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"Image '{file}' cannot be read ({exc}).", "Give a PNG or JPEG file.") from None
-
-
-def _size_of(exc: Exception) -> str:
-    """PIL's bomb message names the pixel count; keep just that part."""
-    text = str(exc)
-    return text.split(" exceeds ")[0].replace("Image size (", "").rstrip(")") if " exceeds " in text else text
 
 
 class SVDAdapter(FamilyAdapter):
@@ -79,7 +39,7 @@ class SVDAdapter(FamilyAdapter):
         return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
 
     def check_inputs(self, request: GenerationRequest) -> None:
-        load_image(request.image)
+        load_image(request.image, "Stable Video Diffusion")
 
     def check(self, request: GenerationRequest, entry: ModelEntry) -> None:
         factor = self.size_factor(entry)
@@ -97,7 +57,7 @@ class SVDAdapter(FamilyAdapter):
 
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         return {
-            "image": load_image(request.image),
+            "image": load_image(request.image, "Stable Video Diffusion"),
             "num_frames": request.frames,
             "height": request.height,
             "width": request.width,

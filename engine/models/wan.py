@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine.catalog import ModelEntry, component_config, read_model_json
-from engine.models.base import FamilyAdapter, check_video_size, to_uint8_frames
+from engine.models.base import FamilyAdapter, check_video_size, load_image, to_uint8_frames
 from engine.protocol import GenerationRequest
 
 
@@ -88,3 +88,18 @@ class WanAdapter(FamilyAdapter):
         latent_frames = x0.shape[2]
         # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
         return x0[0].transpose(0, 1), [0] + [4 * f for f in range(1, latent_frames)]
+
+
+class WanImageToVideoAdapter(WanAdapter):
+    """Wan 2.1 / 2.2 image to video (WanImageToVideoPipeline): the same loop, with the image's VAE
+    latents (and a first-frame mask) concatenated to the latent as extra channels, and, in Wan 2.1
+    I2V, CLIP image embeddings passed to both guidance calls."""
+
+    family = "wan-i2v"
+    conditioning = "image"
+
+    def check_inputs(self, request: GenerationRequest) -> None:
+        load_image(request.image, "Wan image-to-video")
+
+    def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
+        return {**super().pipeline_kwargs(pipe, request, generator), "image": load_image(request.image, "Wan")}
