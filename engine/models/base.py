@@ -56,7 +56,11 @@ class FamilyAdapter:
         check_values(resolved)  # the command line builds requests without from_dict
         _check_range("steps", resolved.steps, 1, MAX_STEPS)
         if resolved.guidance_scale is None:
-            raise UserError("'guidance_scale' is None; it must be from 0 to 100.", "Set --guidance-scale.")
+            raise UserError(
+                "'guidance_scale' is None; it must be from 0 to 100.",
+                "Set --guidance-scale.",
+                "guidance_scale",
+            )
         self.check(resolved, entry)
         if inputs:
             self.check_inputs(resolved)
@@ -194,7 +198,9 @@ def unet_block_count(config: dict[str, Any], has_mid: bool) -> int:
 
 def _check_range(name: str, value: Any, low: float, high: float) -> None:
     if value is None or not low <= value <= high:
-        raise UserError(f"'{name}' is {value}; it must be from {low} to {high}.", f"Set --{name} in range.")
+        fixed = None if value is None else min(max(value, low), high)
+        message = f"'{name}' is {value}; it must be from {low} to {high}."
+        raise UserError(message, f"Set --{name} in range.", name, fixed)
 
 
 def check_side(name: str, value: int | None, largest: int, default: Any) -> None:
@@ -203,6 +209,8 @@ def check_side(name: str, value: int | None, largest: int, default: Any) -> None
         raise UserError(
             f"{name} {value} is larger than this model makes (at most {largest}).",
             f"Use --{name} {largest} or less{hint}.",
+            field=name,
+            value=largest,
         )
 
 
@@ -211,6 +219,8 @@ def check_multiple(name: str, value: int | None, factor: int, family: str) -> No
         raise UserError(
             f"{name} {value} is not a positive multiple of {factor}, which {family} needs.",
             f"Use a {name} such as {max(factor, (value or 0) // factor * factor)}.",
+            field=name,
+            value=max(factor, (value or 0) // factor * factor),
         )
 
 

@@ -45,11 +45,13 @@ class CogVideoXAdapter(FamilyAdapter):
                 f"CogVideoX needs a frame count of {period}k+1 (1, {period + 1}, {2 * period + 1}, ...), "
                 f"not {frames}.",
                 f"Use --frames {good} or {good + period}.",
+                field="frames",
+                value=good,
             )
         check_multiple("height", request.height, spatial, "this CogVideoX model")
         check_multiple("width", request.width, spatial, "this CogVideoX model")
         if not request.fps or request.fps < 1:
-            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 8.")
+            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 8.", "fps", 8)
 
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
         return {

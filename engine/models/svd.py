@@ -30,11 +30,11 @@ def load_image(path: str | None) -> Any:
 
     if not path:
         raise UserError(
-            "Stable Video Diffusion needs a conditioning image.", "Pass --image FILE (PNG or JPEG)."
+            "Stable Video Diffusion needs a conditioning image.", "Pass --image FILE (PNG or JPEG).", "image"
         )
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"Image '{file}' does not exist.", "Check the path given to --image.")
+        raise UserError(f"Image '{file}' does not exist.", "Check the path given to --image.", "image")
     try:
         with Image.open(file) as image:
             width, height = image.size  # from the header: nothing decoded yet
@@ -85,13 +85,17 @@ class SVDAdapter(FamilyAdapter):
         check_multiple("height", request.height, factor, "this Stable Video Diffusion model")
         check_multiple("width", request.width, factor, "this Stable Video Diffusion model")
         if request.frames is None or not 1 <= request.frames <= 64:
-            raise UserError(f"frames {request.frames} is out of range.", "Use --frames 14 or 25.")
+            raise UserError(
+                f"frames {request.frames} is out of range.", "Use --frames 14 or 25.", "frames", 14
+            )
         if not request.fps or request.fps < 1:
-            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 7.")
+            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 7.", "fps", 7)
         if request.guidance_scale < MIN_GUIDANCE:
             raise UserError(
                 f"SVD's guidance rises per frame from {MIN_GUIDANCE}; {request.guidance_scale} is lower.",
                 "Use --guidance-scale 1.0 or more.",
+                field="guidance_scale",
+                value=MIN_GUIDANCE,
             )
 
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:

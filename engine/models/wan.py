@@ -53,11 +53,13 @@ class WanAdapter(FamilyAdapter):
                 f"Wan needs a frame count of {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), "
                 f"not {frames}.",
                 f"Use --frames {good} or {good + temporal}.",
+                field="frames",
+                value=good,
             )
         check_multiple("height", request.height, spatial, "this Wan model")
         check_multiple("width", request.width, spatial, "this Wan model")
         if not request.fps or request.fps < 1:
-            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 16.")
+            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 16.", "fps", 16)
 
     def switches_denoiser(self, entry: ModelEntry) -> bool:
         index = pipeline_config(entry)
