@@ -58,6 +58,10 @@ def _die_with_parent() -> None:
 def worker_main(spec: WorkerSpec, commands: Any, results: Any, cancel: Any) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the engine, which stops the group
+    from engine.logfile import LOG_FILE_ENV, route_warnings
+
+    if os.environ.get(LOG_FILE_ENV):  # under the window's engine: warnings to its log file
+        route_warnings()
     import torch
 
     if spec.device == "cpu":

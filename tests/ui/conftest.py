@@ -71,6 +71,8 @@ def open_studio(root: Path, settings, output_dir: Path, *, auto_restart: bool = 
     launcher.started.connect(keep)
     client = EngineClient(socket_path, launcher, auto_restart=auto_restart)
     window = MainWindow(client, settings, output_dir=output_dir)
+    # Closing with unfinished jobs asks; a test that ends with some discards them.
+    window.ask_about_jobs = lambda running, queued: "discard"
     log: list[str] = []
     launcher.output.connect(log.append)
     launcher.output.connect(window.engine_panel.append)  # as app.gui does
