@@ -736,6 +736,7 @@ class EngineServer:
         """What `submit` and the run would say about a request, without queueing it: `ok`, or the
         first problem with its structured fix (`entry`: the index of the comparison entry at fault)."""
         from engine.catalog import ModelCatalog
+        from engine.compare import entry_request
         from engine.engine import Engine
 
         try:
@@ -754,7 +755,7 @@ class EngineServer:
                 return {"ok": True, "devices": plan.request.devices, "ideal_speedup": plan.ideal_speedup}
             for index, (strategy, devices) in enumerate(entries):
                 try:
-                    engine.plan(dataclasses.replace(parsed, strategy=strategy, devices=devices))
+                    engine.plan(entry_request(parsed, strategy, devices))
                 except UserError as exc:
                     return {"ok": False, **exc.to_dict(), "entry": index}
             return {"ok": True}

@@ -390,6 +390,10 @@ def test_check_runs_the_plan_checks_with_a_structured_fix_and_queues_nothing(eng
         "check",
     )
     assert entry["ok"] is False and entry["entry"] == 1 and entry["field"] == "devices"
+    # Each entry is planned as `compare` runs it: parastep's warm-up is not given to sequential.
+    with_options = {**REQUEST, "strategy": "parastep", "strategy_options": {"warmup": 1}}
+    compare = [["sequential", "cpu:1"], ["parastep", "cpu:2"]]
+    assert client.call({"type": "check", "request": with_options, "compare": compare}, "check")["ok"] is True
     good = client.call(
         {"type": "check", "request": {**REQUEST, "strategy": "parastep", "devices": "cpu:2"}}, "check"
     )

@@ -186,6 +186,8 @@ class CompareLab(QWidget):
         self.device_specs = device_choices([])
         self.check = CheckResult()
         self._connected = False
+        self._pending = False  # an edit is waiting for the engine's answer
+        self._run_when_checked = False
         self._check_timer = QTimer(self, singleShot=True, interval=CHECK_DELAY_MS)
         self._check_timer.timeout.connect(self.check_now)
 
@@ -299,16 +301,21 @@ class CompareLab(QWidget):
 
     def schedule_check(self) -> None:
         if self._connected:
+            self._pending = True
             self._check_timer.start()
+            self._update_run()
 
     def check_now(self) -> None:
         self._check_timer.stop()
         request = self.current_request()
         if self._connected and request.model:
+            self._pending = True
             self.check_wanted.emit(request, self.entries())
+        else:
+            self._pending = False
 
     def set_check_result(self, result: CheckResult) -> None:
-        self.check = result
+        self.check, self._pending = result, False
         for index, row in enumerate(self.rows):
             bad = result.invalid and result.entry == index
             row.devices.setStyleSheet(INVALID_STYLE if bad and result.field == "devices" else "")
@@ -325,6 +332,10 @@ class CompareLab(QWidget):
         self.fix_button.setText(action or "")
         self.fix_button.setVisible(result.invalid and action is not None)
         self._update_run()
+        if self._run_when_checked:
+            self._run_when_checked = False
+            if not result.invalid:
+                self.run()
 
     def apply_fix(self) -> None:
         result = self.check
@@ -338,13 +349,18 @@ class CompareLab(QWidget):
         self.check_now()
 
     def _update_run(self) -> None:
-        self.run_button.setEnabled(self._connected and not self.check.invalid)
+        # A stale "invalid" does not block: the answer about the entries now on screen decides.
+        self.run_button.setEnabled(self._connected and not (self.check.invalid and not self._pending))
 
     # ---- running ------------------------------------------------------------------------------
     def run(self) -> None:
         request = self.current_request()
         if not request.model:
             self.status.setText("Pick a model in the request panel first.")
+            return
+        if self._pending:  # run once the engine has answered about these entries
+            self._run_when_checked = True
+            self.check_now()
             return
         self.submit_requested.emit(request, self.entries())
         self.status.setText(f"Queued: {request.model}, seed {request.seed}, {len(self.rows)} runs…")

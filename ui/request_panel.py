@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.protocol import MAX_FRAMES, GenerationRequest
+from engine.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, GenerationRequest
 from ui.model_info import ModelInfo
 from ui.strategy_picker import StrategyPicker
 from ui.validation import CheckResult, Validation, fix_action, fix_words
@@ -137,13 +137,13 @@ class RequestPanel(QWidget):
 
         # Shape of the clip
         self.frames = _int_field(MAX_FRAMES)  # the engine's cap, so every value it suggests fits
-        self.height_box = _int_field(4096, 8)
-        self.width_box = _int_field(4096, 8)
+        self.height_box = _int_field(MAX_SIDE, 8)
+        self.width_box = _int_field(MAX_SIDE, 8)
         self.fps = _int_field(120)
         self.seconds = _float_field(600.0, 0.5, 2)
 
         # Sampling
-        self.steps = _int_field(1000)
+        self.steps = _int_field(MAX_STEPS)
         # Guidance 0 is a real value (no guidance), so "auto" sits just below it.
         self.guidance = _float_field(100.0, 0.5, 2, auto_at=-0.5)
         # A new seed each session (and, in "random" mode, each Generate); the clip's sidecar keeps it.

@@ -105,6 +105,9 @@ class StrategyPicker(QWidget):
 
         devices_row = QHBoxLayout(self.devices_box)
         devices_row.setContentsMargins(0, 0, 0, 0)
+        # Named as the engine's fixes are worded in the window ("Set Workers to 2": ui.validation).
+        self.devices_label = QLabel("Workers")
+        devices_row.addWidget(self.devices_label)
         devices_row.addLayout(self.gpu_row)
         devices_row.addWidget(self.cpu_workers)
         devices_row.addStretch(1)
@@ -151,6 +154,7 @@ class StrategyPicker(QWidget):
             self.gpu_row.addWidget(box)
             self.gpu_checks.append(box)
         self.cpu_workers.setVisible(not self._gpus)
+        self.devices_label.setText("GPUs" if self._gpus else "Workers")
 
     # ---- values -------------------------------------------------------------------------------
     def strategy(self) -> str:
