@@ -261,7 +261,7 @@ class RequestPanel(QWidget):
         for source, infos in by_source.items():
             self._add_header(SOURCE_TITLES.get(source, source))
             for info in infos:
-                label = f"  {info.name}" + (f"  — {RANDOM_WEIGHTS}" if info.random_weights else "")
+                label = f"  {info.name}" + ("  (random weights)" if info.random_weights else "")
                 self.model_box.addItem(label, info.name)
                 tip = f"{info.family} ({info.modality})\n{info.path}\n{info.description}".strip()
                 self.model_box.setItemData(self.model_box.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -96,7 +97,9 @@ class StrategyPicker(QWidget):
         self.device_note = QLabel()
         self.device_note.setWordWrap(True)
         self.device_note.hide()
-        self.speedup_label = QLabel()
+        self.speedup_label = QLabel(wordWrap=True)
+        # Wraps rather than widening the request panel past its dock.
+        self.speedup_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.speedup_label.setToolTip(
             "Ideal speedup of the denoising loop: T / (W + ceil((T - W) / N)) for T steps, "
             "W warm-up steps and N devices (P look-ahead latents for batchstep), times 2 where the "
@@ -398,7 +401,7 @@ class StrategyPicker(QWidget):
         ideal = self.ideal()
         terms = self.ideal_terms()
         if not self._runnable:
-            text = "ideal speedup: none (the request cannot run as set; see below)"
+            text = "ideal speedup: none (fix the request first)"
         elif ideal is None:
             text = "ideal speedup ? (step count unknown)"
         elif terms is not None and terms[2] > 1:

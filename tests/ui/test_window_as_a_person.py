@@ -103,9 +103,11 @@ def test_check_result_marks_the_field_offers_the_fix_and_blocks_generate(qtbot, 
     panel = window.request_panel
     panel.select_model("tiny-cogvideox")
     panel.set_connected(True)
-    panel.set_check_result(
-        CheckResult(ok=False, problem="CogVideoX needs 8k+1 frames, not 1000.", field="frames", value=993)
-    )
+    narrowest = panel.minimumSizeHint().width()
+    problem = "CogVideoX needs a frame count of 8k+1 (1, 9, 17, ...), not 1000. " * 5
+    panel.set_check_result(CheckResult(ok=False, problem=problem, field="frames", value=993))
+    # The walk-through: a long problem or speedup note must wrap, not widen the panel past its dock.
+    assert panel.minimumSizeHint().width() <= narrowest
     assert not panel.generate_button.isEnabled()
     assert "border" in panel.frames.styleSheet() and panel.steps.styleSheet() == ""
     assert panel.fix_button.text() == "Set Frames to 993"
