@@ -80,6 +80,7 @@ class StrategyPicker(QWidget):
         self._steps: int | None = None
         self._model: ModelInfo | None = None
         self._runnable = True  # False while the engine says the request cannot run
+        self._workers_before_pin = DEFAULT_CPU_WORKERS  # restored when leaving a one-device strategy
 
         self.strategy_box = QComboBox()
         self.strategy_box.currentIndexChanged.connect(self._on_strategy_changed)
@@ -342,9 +343,14 @@ class StrategyPicker(QWidget):
         """One-device strategies: CPU workers pinned to 1, GPU checkboxes exclusive."""
         single = self._max_devices() == 1
         if not self._gpus:
+            pinned = not self.cpu_workers.isEnabled()
             self.cpu_workers.setEnabled(not single)
-            if single:
+            if single and not pinned:
+                self._workers_before_pin = self.cpu_workers.value()
                 self.cpu_workers.setValue(1)
+            elif not single and pinned and self._workers_before_pin > 1:
+                # Back from a one-device strategy: the count the user had, not the pinned 1.
+                self.cpu_workers.setValue(self._workers_before_pin)
         elif single:
             checked = [b for b in self.gpu_checks if b.isChecked()]
             for box in self.gpu_checks:

@@ -158,3 +158,14 @@ def test_audio_after_video_is_unmuted_with_its_own_duration(qtbot, window, tmp_p
         return  # no media backend here: the reset is what could be checked
     assert viewer.time_label.text().endswith("0:03.0")
     viewer.clear()
+
+
+def test_leaving_a_one_device_strategy_restores_the_workers(window):
+    """Finding: choosing cfg-parastep after sequential left Workers at 1."""
+    picker = window.request_panel.strategy_picker
+    picker.choose_strategy("parastep")
+    picker.cpu_workers.setValue(4)
+    picker.choose_strategy("sequential")
+    assert picker.cpu_workers.value() == 1 and not picker.cpu_workers.isEnabled()
+    picker.choose_strategy("cfg-parastep")
+    assert picker.cpu_workers.value() == 4 and picker.cpu_workers.isEnabled()
