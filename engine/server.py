@@ -175,6 +175,7 @@ class EngineServer:
         self._current_job: str | None = None
         self._request_id: Any = None  # `id` of the client message being handled
         self._cancel_job: str | None = None
+        self._user_cancelled: str | None = None  # the job a client cancelled (not one stopped under it)
         self._output_folders: list[Path] = []  # chosen by the user (allow_output), besides the default
         self._catalog_slots = threading.BoundedSemaphore(MAX_CATALOG_THREADS)
         self._started = False
@@ -664,7 +665,7 @@ class EngineServer:
                 f"Job {job_id} is {job.status}, not running; only the running job can be cancelled.",
                 "Remove a queued job instead." if job.status == "queued" else "Nothing to cancel.",
             )
-        self._cancel_job = job_id
+        self._cancel_job = self._user_cancelled = job_id
         if self._engine is not None:
             self._engine.cancel()
         for other in [c for c in self._clients.values() if c.greeted]:
@@ -821,7 +822,9 @@ class EngineServer:
             )
         finally:
             self._current_job = None
-        if self._stopping.is_set() and status != DONE:
+        if self._stopping.is_set() and status != DONE and self._user_cancelled != job_id:
+            # Stopped under it: kept to requeue. A job the user cancelled stays cancelled (the
+            # window's "Discard" on close cancels, then stops the engine).
             status, error = INTERRUPTED, INTERRUPTED_ERROR
         preview = self._previews.flush(job_id)
         if preview is not None:

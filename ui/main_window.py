@@ -606,10 +606,17 @@ class MainWindow(QMainWindow):
                 event.ignore()
                 return
             if choice == "discard":
+                # Closes once the engine says the job is cancelled (a stop now would only mark it
+                # interrupted, kept for next time).
                 for job_id in queued:
                     self.client.remove(job_id)
                 for job_id in running:
                     self.client.cancel(job_id)
+                if running:
+                    self._close_after_queue = True
+                    self.statusBar().showMessage("Discarding the jobs; the window closes when they stop.", 0)
+                    event.ignore()
+                    return
         self.save_settings()
         if self._result_viewer is not None:
             self._result_viewer.clear()

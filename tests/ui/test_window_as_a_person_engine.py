@@ -180,3 +180,19 @@ def test_closing_with_unfinished_jobs_asks_and_keeps_them_for_next_time(qtbot, w
     assert asked == [(1, 1), (1, 1)] and not window.isVisible()
     statuses = [j["status"] for j in JobQueue(window.root / "state" / QUEUE_FILE).to_list()]
     assert statuses.count("queued") == 1 and "interrupted" in statuses
+
+
+def test_closing_and_discarding_leaves_nothing_for_next_time(qtbot, qapp, tmp_path):
+    with open_studio(tmp_path, make_settings(tmp_path), tmp_path / "clips") as window:
+        qtbot.waitUntil(lambda: bool(window.models), timeout=START_MS)
+        window.ask_about_jobs = lambda running, queued: "discard"
+        steps: list[dict] = []
+        window.client.step_received.connect(steps.append)
+        assert window.client.submit(dict(REQUEST.to_dict(), steps=1000))
+        assert window.client.submit(REQUEST.to_dict())
+        qtbot.waitUntil(lambda: bool(steps), timeout=JOB_MS)  # denoising
+        window.close()
+        assert window.isVisible()  # until the engine has cancelled the running job
+        qtbot.waitUntil(lambda: not window.isVisible(), timeout=JOB_MS)
+    statuses = [j["status"] for j in JobQueue(tmp_path / "state" / QUEUE_FILE).to_list()]
+    assert statuses == ["cancelled"]  # the queued job removed, the running one cancelled, not kept
