@@ -34,6 +34,7 @@ from engine.protocol import GenerationRequest
 from ui.compare_lab import CompareLab
 from ui.engine_client import EngineClient, EngineState
 from ui.engine_panel import EnginePanel, EngineStatusLabel
+from ui.help_menu import add_help_menu
 from ui.history_panel import HistoryPanel
 from ui.job_progress import JobProgress, ProgressPanel
 from ui.model_info import BUILTIN_STRATEGIES, ModelInfo, strategy_width
@@ -51,14 +52,6 @@ if TYPE_CHECKING:
     from ui.result_viewer import ResultViewer
 
 TICK_MS = 500  # the ETA keeps counting between steps
-SHORTCUTS = (
-    "<table>"
-    "<tr><td><b>Ctrl+Enter</b></td><td>Generate (queue the request)</td></tr>"
-    "<tr><td><b>Ctrl+Q</b></td><td>Quit (asks about unfinished jobs)</td></tr>"
-    "<tr><td><b>,</b> and <b>.</b></td><td>Previous / next frame of the result</td></tr>"
-    "<tr><td><b>Tab</b></td><td>Next field (also out of the prompt)</td></tr>"
-    "</table>"
-)
 
 
 def rank_devices(devices: str) -> list[str]:
@@ -205,49 +198,7 @@ class MainWindow(QMainWindow):
         self.sound_action.toggled.connect(self.settings.set_notify_sound)
         view_menu.addAction(self.notify_action)
         view_menu.addAction(self.sound_action)
-        self._build_help_menu()
-
-    def _build_help_menu(self) -> None:
-        help_menu = self.menuBar().addMenu("&Help")
-        shortcuts = QAction("Keyboard shortcuts", self)
-        shortcuts.triggered.connect(lambda: self._show_note("Keyboard shortcuts", SHORTCUTS))
-        about = QAction("About ParaStep Studio", self)
-        about.triggered.connect(lambda: self._show_note("About ParaStep Studio", self.about_text()))
-        help_menu.addAction(shortcuts)
-        help_menu.addAction(about)
-
-    def _show_note(self, title: str, html: str) -> QMessageBox:
-        """A non-modal note: reading it never stops the window (or a job's progress)."""
-        box = QMessageBox(QMessageBox.Icon.Information, title, html, QMessageBox.StandardButton.Close, self)
-        box.setTextFormat(Qt.TextFormat.RichText)
-        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-        box.open()
-        return box
-
-    def about_text(self) -> str:
-        import platform
-        from importlib.metadata import PackageNotFoundError, version
-
-        from PySide6 import __version__ as pyside_version
-        from PySide6.QtCore import qVersion
-
-        from engine.logfile import log_path
-
-        try:
-            studio = version("parastep-studio")
-        except PackageNotFoundError:
-            studio = "(not installed)"
-        devices = (
-            ", ".join(f"{d.get('id')}: {d.get('name')}" for d in self._devices)
-            or "not known yet (the engine is starting)"
-        )
-        return (
-            f"<b>ParaStep Studio {studio}</b><br>Python {platform.python_version()}, PySide6 "
-            f"{pyside_version} (Qt {qVersion()}); the engine (pid {self.client.engine_pid}) runs torch and "
-            f"diffusers.<br><br><b>Devices</b>: {devices}<br><br><b>Logs</b>: {log_path().parent} "
-            f"(engine.log: library warnings and the engine's messages)"
-        )
+        add_help_menu(self, lambda: self._devices, lambda: self.client.engine_pid)
 
     def _connect_client(self) -> None:
         c = self.client
