@@ -14,6 +14,7 @@ import signal
 import sys
 
 from engine.errors import UserError
+from engine.logfile import route_warnings
 from engine.server import EngineServer
 from engine.socket_path import default_socket_path
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    route_warnings()  # library FutureWarnings to engine.log, not the window's Engine panel
     server = EngineServer(
         args.socket, model_folders=args.folder, dtype=args.dtype, watch_parent=not args.keep_running
     )

@@ -40,6 +40,7 @@ class ModelEntry:
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     variant: str | None = None  # diffusers weight variant (e.g. fp16) of a pulled model
+    random_weights: bool = False  # untrained (tests, benchmarks): outputs noise
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +52,7 @@ class ModelEntry:
             "defaults": self.defaults,
             "description": self.description,
             "variant": self.variant,
+            "random_weights": self.random_weights,
         }
 
 
@@ -132,18 +134,25 @@ def read_entry(path: Path, name: str | None = None, source: str = "local") -> Mo
         family=family,
         defaults=dict(studio.get("defaults", {})),
         description=studio.get("description", ""),
+        random_weights=studio.get("random_weights", False),
     )
 
 
 def _read_studio(file: Path) -> dict[str, Any]:
-    """studio.json: {"family": str, "description": str, "defaults": {field: number}}, all optional."""
+    """studio.json: {"family": str, "description": str, "defaults": {field: number}, "random_weights":
+    bool}, all optional."""
     try:
         studio = read_model_json(file)
     except UserError as exc:
         raise UserError(exc.problem, "Fix or delete it.") from None
     wrong = [
         key
-        for key, kinds in (("family", str), ("description", str), ("defaults", dict))
+        for key, kinds in (
+            ("family", str),
+            ("description", str),
+            ("defaults", dict),
+            ("random_weights", bool),
+        )
         if key in studio and not isinstance(studio[key], kinds)
     ]
     defaults = studio.get("defaults", {})
@@ -156,7 +165,8 @@ def _read_studio(file: Path) -> dict[str, Any]:
     if wrong:
         raise UserError(
             f"'{file}' has {', '.join(wrong)} of the wrong type.",
-            "Fix or delete it: 'family' and 'description' are text, 'defaults' maps fields to numbers.",
+            "Fix or delete it: 'family' and 'description' are text, 'defaults' maps fields to numbers, "
+            "'random_weights' is true or false.",
         )
     return studio
 

@@ -39,6 +39,16 @@ def parse_strategy_specs(text: str, default_devices: str) -> list[tuple[str, str
     return [(name, devices) for name, devices in entries]
 
 
+def entry_request(
+    request: GenerationRequest, name: str, devices: str, own: dict[str, Any] | None = None
+) -> GenerationRequest:
+    """The request one comparison entry runs: the request's options that the strategy takes, then
+    the entry's own (the engine's `check` plans exactly this)."""
+    options = {k: v for k, v in request.strategy_options.items() if _accepts(name, k)}
+    options.update(own or {})
+    return dataclasses.replace(request, strategy=name, devices=devices, strategy_options=options)
+
+
 def compare(
     engine: Engine,
     request: GenerationRequest,
@@ -57,10 +67,7 @@ def compare(
 
     plans = []
     for name, devices, *own in specs:  # validate everything before running anything
-        options = {k: v for k, v in request.strategy_options.items() if _accepts(name, k)}
-        options.update(own[0] if own else {})
-        variant = dataclasses.replace(request, strategy=name, devices=devices, strategy_options=options)
-        plans.append(engine.plan(variant))
+        plans.append(engine.plan(entry_request(request, name, devices, own[0] if own else None)))
     # The reference (first sequential entry) runs first, so every row can be compared with it.
     first_sequential = next((i for i, p in enumerate(plans) if p.request.strategy == "sequential"), None)
     order = list(range(len(plans)))

@@ -93,6 +93,8 @@ def parse_devices(spec: str, wanted: int | None = None) -> list[str]:
                 f"cpu:{count} asks for {count} CPU workers; this machine has {cpu_cores()} cores "
                 f"(at most {limit} workers).",
                 f"Use cpu:1 to cpu:{limit}.",
+                field="devices",
+                value=f"cpu:{min(max(count, 1), limit)}",
             )
         return ["cpu"] * count
     if spec.startswith("cuda"):

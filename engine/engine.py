@@ -84,12 +84,14 @@ class Engine:
         devices = parse_devices(request.devices, strategy.max_devices)
         if (request.devices or "auto").strip().lower() == "auto" and len(devices) > strategy.device_multiple:
             devices = devices[: len(devices) - len(devices) % strategy.device_multiple]
-        _check_device_count(strategy, request.devices, len(devices))
+        _check_device_count(strategy, request.devices, len(devices), all(d == "cpu" for d in devices))
         reason = strategy.unavailable_reason(entry)
         if reason is not None:
             raise UserError(
                 f"Strategy '{strategy.name}' cannot run '{entry.name}': {reason}",
                 "Pick another strategy (sequential always works).",
+                field="strategy",
+                value="sequential",
             )
         check_loras(request.loras, entry.pipeline_class, strategy)
         try:
@@ -135,6 +137,7 @@ class Engine:
                 raise UserError(
                     f"Option '{name}' of '{strategy.name}' is {value!r}; it must be a whole number {bounds}.",
                     f"Set --{name.replace('_', '-')} to a valid value.",
+                    field=f"strategy_options.{name}",
                 )
             options[name] = value
         warmup = options.get("warmup")
@@ -143,6 +146,8 @@ class Engine:
                 raise UserError(
                     f"Warm-up {warmup} is larger than the step count {request.steps}.",
                     f"Use --warmup from 1 to {request.steps}.",
+                    field="strategy_options.warmup",
+                    value=request.steps,
                 )
             parallel = strategy.parallel_width(options, ranks)
             if warmup == 0 and parallel > 1 and request.steps > 0:
@@ -150,11 +155,15 @@ class Engine:
                     f"'{strategy.name}' needs at least one warm-up step: the first round reuses a "
                     "prediction that only a warm-up step can make.",
                     "Use --warmup 1 or more.",
+                    field="strategy_options.warmup",
+                    value=1,
                 )
         if options.get("lookahead", 1) > request.steps:
             raise UserError(
                 f"Look-ahead {options['lookahead']} is larger than the step count {request.steps}.",
                 "Use a smaller --lookahead.",
+                field="strategy_options.lookahead",
+                value=request.steps,
             )
         return options
 
@@ -314,7 +323,7 @@ class Engine:
         self.shutdown()
 
 
-def _check_device_count(strategy: Any, spec: str, count: int) -> None:
+def _check_device_count(strategy: Any, spec: str, count: int, on_cpu: bool = True) -> None:
     low, high, multiple = strategy.min_devices, strategy.max_devices, strategy.device_multiple
     if low <= count and (high is None or count <= high) and count % multiple == 0:
         return
@@ -325,9 +334,14 @@ def _check_device_count(strategy: Any, spec: str, count: int) -> None:
     else:
         wanted = f"{low} to {high}"
     example = "cpu:1 or a single GPU" if high == 1 else f"cpu:{max(low, multiple)} or that many GPUs"
+    # The nearest valid count, for a one-click fix of CPU workers (GPUs are the user's to pick).
+    fitting = max(low, count + (-count) % multiple)
+    fitting = fitting if high is None else min(fitting, high)
     raise UserError(
         f"Strategy '{strategy.name}' runs on {wanted} device(s); '{spec}' gives {count}.",
         f"Use --devices {example}, or pick another strategy.",
+        field="devices",
+        value=f"cpu:{fitting}" if on_cpu else None,
     )
 
 

@@ -1,13 +1,28 @@
 """Errors a user can act on: each names the problem and the fix."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class UserError(Exception):
-    """Bad input or an unusable environment; the message says what is wrong and how to fix it."""
+    """Bad input or an unusable environment; the message says what is wrong and how to fix it.
 
-    def __init__(self, problem: str, fix: str = "") -> None:
+    `fix` is worded for the command line (it names flags). `field` names the request field at fault
+    (e.g. "frames", "devices", "strategy_options.warmup") and `value` the value that fixes it, when
+    there is one: the window words the same fix with its own control names ("Set Frames to 9").
+    """
+
+    def __init__(self, problem: str, fix: str = "", field: str | None = None, value: Any = None) -> None:
         self.problem = problem
         self.fix = fix
+        self.field = field
+        self.value = value
         super().__init__(f"{problem} Fix: {fix}" if fix else problem)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error for the protocol: JSON-safe, with the structured fix."""
+        return {"problem": self.problem, "fix": self.fix, "field": self.field, "value": self.value}
 
 
 class JobCancelled(Exception):

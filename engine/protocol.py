@@ -16,6 +16,9 @@ from engine.errors import UserError
 PROTOCOL_VERSION = 1
 MAX_STEPS = 1000
 MAX_SIDE = 8192  # height/width cap whatever the family (families set lower ones from their configs)
+# Frames cap whatever the family: 8*128+1 and 4*256+1, so the largest valid count of CogVideoX and
+# Wan is itself accepted (the window's Frames box stops here too).
+MAX_FRAMES = 1025
 MAX_TEXT_CHARS = 20_000  # any text field: prompts are cut to a few hundred tokens anyway
 MAX_OPTIONS = 32
 
@@ -84,24 +87,39 @@ def check_values(request: GenerationRequest) -> None:
         _check_text(name, getattr(request, name))
     if request.steps is not None and not 1 <= request.steps <= MAX_STEPS:
         raise UserError(
-            f"'steps' is {request.steps}; it must be from 1 to {MAX_STEPS}.", "Set --steps in range."
+            f"'steps' is {request.steps}; it must be from 1 to {MAX_STEPS}.",
+            "Set --steps in range.",
+            "steps",
+            min(max(request.steps, 1), MAX_STEPS),
         )
     guidance = request.guidance_scale
     if guidance is not None and not 0 <= guidance <= 100:  # NaN fails this too
         raise UserError(
             f"'guidance_scale' is {guidance}; it must be from 0 to 100.",
             "Set --guidance-scale from 0 to 100.",
+            "guidance_scale",
         )
     if not 0 <= request.seed < 2**63:
-        raise UserError(f"'seed' is {request.seed}; it must be from 0 to 2**63-1.", "Set --seed in range.")
+        raise UserError(
+            f"'seed' is {request.seed}; it must be from 0 to 2**63-1.", "Set --seed in range.", "seed"
+        )
     if request.seconds is not None and not math.isfinite(request.seconds):
         raise UserError(f"'seconds' is {request.seconds}; it must be a finite number.", "Set --seconds.")
+    if request.frames is not None and request.frames > MAX_FRAMES:
+        raise UserError(
+            f"frames {request.frames} is more than any model here makes (at most {MAX_FRAMES}).",
+            f"Use --frames {MAX_FRAMES} or less.",
+            field="frames",
+            value=MAX_FRAMES,
+        )
     for name in ("height", "width"):
         value = getattr(request, name)
         if value is not None and value > MAX_SIDE:
             raise UserError(
                 f"{name} {value} is larger than any model here can make (at most {MAX_SIDE}).",
                 f"Use a smaller --{name} (the model's default when unsure).",
+                field=name,
+                value=MAX_SIDE,
             )
     options = request.strategy_options
     if len(options) > MAX_OPTIONS or not all(
@@ -130,6 +148,7 @@ def _check_text(name: str, text: str | None) -> None:
         raise UserError(
             f"Request field '{name}' is {len(text)} characters long; at most {MAX_TEXT_CHARS} are accepted.",
             f"Shorten '{name}'.",
+            field=name,
         )
 
 

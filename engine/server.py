@@ -182,6 +182,7 @@ class EngineServer:
         self._current_job: str | None = None
         self._request_id: Any = None  # `id` of the client message being handled
         self._cancel_job: str | None = None
+        self._user_cancelled: str | None = None  # the job a client cancelled (not one stopped under it)
         self._output_folders: list[Path] = []  # chosen by the user (allow_output), besides the default
         self._catalog_slots = threading.BoundedSemaphore(MAX_CATALOG_THREADS)
         self._started = False
@@ -196,7 +197,15 @@ class EngineServer:
             "queue": self._on_queue,
             "shutdown": self._on_shutdown,
             "allow_output": self._on_allow_output,
+            "check": self._on_check,
+            "resume": self._on_resume,
         }
+        # A queue kept from the last session waits for a `resume` (the user's say-so) before it runs.
+        self._held = False
+        # `check` runs Engine.plan (which may import diffusers): on one thread, answered in order.
+        self._checks: queue.SimpleQueue[tuple[_Client, dict[str, Any], dict[str, Any]]] = queue.SimpleQueue()
+        self._checker: threading.Thread | None = None
+        self._check_engines: dict[tuple[str, ...], Any] = {}
 
     # ---- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -232,6 +241,7 @@ class EngineServer:
             self._release_locks()
             raise
         self.queue = JobQueue(self.queue_path, on_problem=self._queue_problem)
+        self._held = any(job["status"] == "queued" for job in self.queue.to_list())
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._listener, self._wake_r, self._wake_w):
@@ -525,7 +535,7 @@ class EngineServer:
     # ---- socket thread: messages -----------------------------------------------------------------
     def _queue_message(self, **extra: Any) -> dict[str, Any]:
         assert self.queue is not None
-        return {"type": "queue", "jobs": self.queue.to_list(), **extra}
+        return {"type": "queue", "jobs": self.queue.to_list(), "held": self._held, **extra}
 
     def _broadcast_queue(self, requester: _Client | None = None, **extra: Any) -> None:
         """The queue to every client; the requester's copy carries `extra` (e.g. the new job's id)."""
@@ -674,7 +684,7 @@ class EngineServer:
                 f"Job {job_id} is {job.status}, not running; only the running job can be cancelled.",
                 "Remove a queued job instead." if job.status == "queued" else "Nothing to cancel.",
             )
-        self._cancel_job = job_id
+        self._cancel_job = self._user_cancelled = job_id
         if self._engine is not None:
             self._engine.cancel()
         for other in [c for c in self._clients.values() if c.greeted]:
@@ -707,6 +717,71 @@ class EngineServer:
         folders = [str(f) for f in self.output_folders()]
         self._send(client, {"type": "output_folders", "folders": folders, **self._reply_fields()})
 
+    def _on_resume(self, client: _Client, message: dict[str, Any]) -> None:
+        self._held = False
+        self._work.set()
+        self._broadcast_queue(client, **self._reply_fields())
+
+    def _on_check(self, client: _Client, message: dict[str, Any]) -> None:
+        folders = message.get("folders") or []
+        if (
+            not isinstance(folders, list)
+            or len(folders) > 100
+            or not all(isinstance(f, str) for f in folders)
+        ):
+            raise UserError(
+                "'folders' must be a list of at most 100 folder paths.", "Send a list of strings."
+            )
+        self._checks.put((client, message, self._reply_fields()))
+        if self._checker is None:
+            self._checker = threading.Thread(target=self._checker_main, name="parastep-check", daemon=True)
+            self._checker.start()
+
+    def _checker_main(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, message, reply_fields = self._checks.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                reply = self.check(
+                    message.get("request"), message.get("compare"), message.get("folders") or []
+                )
+            except Exception as exc:  # a bug: say so, keep checking
+                traceback.print_exc()
+                reply = {"ok": False, "problem": f"The check failed: {type(exc).__name__}: {exc}"[:2000]}
+            self._post(client, {"type": "check", **reply, **reply_fields})
+
+    def check(self, request: Any, compare: Any = None, folders: list[str] | tuple = ()) -> dict[str, Any]:
+        """What `submit` and the run would say about a request, without queueing it: `ok`, or the
+        first problem with its structured fix (`entry`: the index of the comparison entry at fault)."""
+        from engine.catalog import ModelCatalog
+        from engine.compare import entry_request
+        from engine.engine import Engine
+
+        try:
+            if not isinstance(request, dict):
+                raise UserError("'check' has no 'request' object.", "Send a GenerationRequest dict.")
+            parsed = GenerationRequest.from_dict(request)
+            check_output_inside(parsed.output, self.output_folders(), "the request")
+            entries = check_compare_specs(compare)
+            key = tuple(folders)
+            engine = self._check_engines.get(key)
+            if engine is None:
+                catalog = ModelCatalog([*self.model_folders, *(Path(f).expanduser() for f in folders)])
+                engine = self._check_engines[key] = Engine(catalog, dtype=self.dtype)
+            if not entries:
+                plan = engine.plan(parsed)
+                return {"ok": True, "devices": plan.request.devices, "ideal_speedup": plan.ideal_speedup}
+            for index, (strategy, devices) in enumerate(entries):
+                try:
+                    engine.plan(entry_request(parsed, strategy, devices))
+                except UserError as exc:
+                    return {"ok": False, **exc.to_dict(), "entry": index}
+            return {"ok": True}
+        except UserError as exc:
+            return {"ok": False, **exc.to_dict()}
+
     def _on_shutdown(self, client: _Client, message: dict[str, Any]) -> None:
         _log("shutdown requested by a client")
         self._stop_requested = True
@@ -734,7 +809,7 @@ class EngineServer:
                 traceback.print_exc()
             while not self._stopping.is_set():
                 self._work.clear()
-                job = self.queue.start_next()
+                job = None if self._held else self.queue.start_next()
                 if job is None:
                     self._work.wait(0.5)
                     continue
@@ -748,13 +823,15 @@ class EngineServer:
         self._current_job = job_id
         self._post(None, _QUEUE_SNAPSHOT)
         self._post(None, {"type": "job_started", "job_id": job_id})
-        status, error, result = DONE, None, None
+        status, error, result, details = DONE, None, None, None
         try:
             result = self._execute(job_id, request, compare)
         except JobCancelled:
             status = CANCELLED
         except (UserError, WorkerFailure) as exc:
             status, error = FAILED, one_line(str(exc))
+            if isinstance(exc, UserError):  # the structured fix, for the window's wording
+                details = {k: one_line(v) if isinstance(v, str) else v for k, v in exc.to_dict().items()}
         except Exception as exc:
             traceback.print_exc()
             status = FAILED
@@ -764,7 +841,9 @@ class EngineServer:
             )
         finally:
             self._current_job = None
-        if self._stopping.is_set() and status != DONE:
+        if self._stopping.is_set() and status != DONE and self._user_cancelled != job_id:
+            # Stopped under it: kept to requeue. A job the user cancelled stays cancelled (the
+            # window's "Discard" on close cancels, then stops the engine).
             status, error = INTERRUPTED, INTERRUPTED_ERROR
         preview = self._previews.flush(job_id)
         if preview is not None:
@@ -773,7 +852,8 @@ class EngineServer:
         if status == DONE:
             self._post(None, {"type": "job_finished", "job_id": job_id, "result": result})
         elif status == FAILED:
-            self._post(None, {"type": "job_failed", "job_id": job_id, "error": error})
+            failed = {"type": "job_failed", "job_id": job_id, "error": error}
+            self._post(None, {**failed, "details": details} if details else failed)
         elif status == CANCELLED:
             self._post(None, {"type": "job_cancelled", "job_id": job_id})
         self._post(None, _QUEUE_SNAPSHOT)

@@ -55,6 +55,10 @@ class Job:
 
 
 def worker_main(spec: WorkerSpec, commands: Any, results: Any, cancel: Any) -> None:
+    from engine.logfile import LOG_FILE_ENV, route_warnings
+
+    if os.environ.get(LOG_FILE_ENV):  # under the window's engine: warnings to its log file
+        route_warnings()
     import torch
 
     if spec.device == "cpu":

@@ -955,6 +955,7 @@ def build_all(models_dir: Path = MODELS_DIR, names: list[str] | None = None) -> 
     folders = []
     for name in names or list(SHIPPED):
         pipe, studio = BUILDERS[name]()
+        studio = {**studio, "random_weights": True}  # the window labels them: they output noise
         save_model(pipe, studio, models_dir / name)
         write_model_factors(models_dir / name)  # previews need no VAE decode at run time
         folders.append(models_dir / name)

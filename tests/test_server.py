@@ -384,3 +384,46 @@ def test_the_engine_stops_when_the_process_that_started_it_dies(tmp_path):
             starter.kill()
         starter.wait(30)
         starter.stdout.close()
+
+
+def test_check_runs_the_plan_checks_with_a_structured_fix_and_queues_nothing(engine_process):
+    client = engine_process.hello()
+    before = len(client.call({"type": "queue"}, "queue")["jobs"])
+    bad = client.call({"type": "check", "request": {**REQUEST, "frames": 1000}}, "check", timeout=60)
+    assert bad["ok"] is False and bad["field"] == "frames" and bad["value"] == 993
+    assert "--frames" in bad["fix"]  # the command line's wording stays; the window words `value`
+    workers = client.call(
+        {"type": "check", "request": {**REQUEST, "strategy": "cfg-parastep", "devices": "cpu:1"}}, "check"
+    )
+    assert (workers["field"], workers["value"]) == ("devices", "cpu:2")
+    entry = client.call(
+        {"type": "check", "request": REQUEST, "compare": [["sequential", "cpu:1"], ["parastep", "cpu:99"]]},
+        "check",
+    )
+    assert entry["ok"] is False and entry["entry"] == 1 and entry["field"] == "devices"
+    # Each entry is planned as `compare` runs it: parastep's warm-up is not given to sequential.
+    with_options = {**REQUEST, "strategy": "parastep", "strategy_options": {"warmup": 1}}
+    compare = [["sequential", "cpu:1"], ["parastep", "cpu:2"]]
+    assert client.call({"type": "check", "request": with_options, "compare": compare}, "check")["ok"] is True
+    good = client.call(
+        {"type": "check", "request": {**REQUEST, "strategy": "parastep", "devices": "cpu:2"}}, "check"
+    )
+    assert good["ok"] is True and good["devices"] == "cpu:2" and good["ideal_speedup"] > 1
+    assert len(client.call({"type": "queue"}, "queue")["jobs"]) == before
+
+
+def test_a_queue_kept_from_the_last_session_waits_for_resume(tmp_path):
+    from engine.job_queue import QUEUE_FILE, JobQueue
+
+    engine = EngineProcess(tmp_path)
+    JobQueue(engine.state / QUEUE_FILE).submit(REQUEST)
+    try:
+        client = engine.start().hello()
+        time.sleep(2)  # time enough for a runner that did not wait to start it
+        queue = client.call({"type": "queue"}, "queue")
+        assert queue["held"] is True and [job["status"] for job in queue["jobs"]] == ["queued"]
+        since = len(client.history)
+        assert client.call({"type": "resume"}, "queue")["held"] is False
+        client.wait_for("job_started", JOB_TIMEOUT_S, since=since)
+    finally:
+        engine.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCharts import QBarCategoryAxis, QBarSeries, QBarSet, QChart, QChartView, QValueAxis
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QPainter
 from PySide6.QtWidgets import (
     QComboBox,
@@ -23,8 +23,8 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QLineEdit,
     QPushButton,
+    QSizePolicy,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -32,10 +32,25 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.devices import MAX_CPU_WORKERS_PER_CORE, cpu_cores
 from engine.protocol import GenerationRequest
+from ui.validation import CheckResult, fix_action, fix_words
+
+CHECK_DELAY_MS = 250
+INVALID_STYLE = "border: 2px solid #d04040; border-radius: 3px;"
 
 COLUMNS = ("strategy", "devices", "denoise s", "speedup", "ideal", "fidelity", "bytes sent", "calls")
 DEFAULT_ENTRIES = [["sequential", "cpu:1"], ["parastep", "cpu:2"]]
+
+
+def device_choices(devices: list[dict[str, Any]]) -> list[str]:
+    """The device specs to offer, from the engine's inventory: the first 1, 2, ... GPUs, or 1 to the
+    most CPU workers the engine takes (the strategy picker's limit)."""
+    gpus = [str(d.get("id", "")) for d in devices if d.get("kind") == "cuda"]
+    if gpus:
+        indices = [gpu.split(":")[-1] for gpu in gpus]
+        return [f"cuda:{','.join(indices[:n])}" for n in range(1, len(indices) + 1)]
+    return [f"cpu:{n}" for n in range(1, cpu_cores() * MAX_CPU_WORKERS_PER_CORE + 1)]
 
 
 def _number(value: Any) -> float | None:
@@ -120,7 +135,7 @@ class EntryRow(QWidget):
 
     removed = Signal(object)
 
-    def __init__(self, strategies: list[str], strategy: str, devices: str) -> None:
+    def __init__(self, strategies: list[str], strategy: str, devices: str, choices: list[str]) -> None:
         super().__init__()
         self.strategy = QComboBox()
         self.strategy.addItems(strategies or [strategy])
@@ -129,7 +144,11 @@ class EntryRow(QWidget):
             self.strategy.addItem(strategy)
             index = self.strategy.count() - 1
         self.strategy.setCurrentIndex(index)
-        self.devices = QLineEdit(devices, placeholderText="cpu:2 or cuda:0,1")
+        # Choices from the engine's inventory, not free text; a restored spec this machine cannot
+        # run stays listed so that the engine's check can say why and offer the fix.
+        self.devices = QComboBox()
+        self.devices.addItems(choices)
+        self.set_devices(devices)
         remove = QPushButton("✕")
         remove.setFixedWidth(28)
         remove.clicked.connect(lambda: self.removed.emit(self))
@@ -140,13 +159,21 @@ class EntryRow(QWidget):
         layout.addWidget(self.devices, 1)
         layout.addWidget(remove)
 
+    def set_devices(self, spec: str) -> None:
+        index = self.devices.findText(spec)
+        if index < 0:
+            self.devices.addItem(spec)
+            index = self.devices.count() - 1
+        self.devices.setCurrentIndex(index)
+
     def value(self) -> list[str]:
-        return [self.strategy.currentText(), self.devices.text().strip() or "auto"]
+        return [self.strategy.currentText(), self.devices.currentText().strip() or "auto"]
 
 
 class CompareLab(QWidget):
     submit_requested = Signal(object, list)  # GenerationRequest, [[strategy, devices], ...]
     entries_changed = Signal(list)
+    check_wanted = Signal(object, list)  # the request and entries to ask the engine about (debounced)
 
     def __init__(
         self, current_request: Callable[[], GenerationRequest], parent: QWidget | None = None
@@ -156,6 +183,13 @@ class CompareLab(QWidget):
         self.strategies: list[str] = ["sequential", "parastep", "batchstep"]
         self.report: dict[str, Any] | None = None
         self.rows: list[EntryRow] = []
+        self.device_specs = device_choices([])
+        self.check = CheckResult()
+        self._connected = False
+        self._pending = False  # an edit is waiting for the engine's answer
+        self._run_when_checked = False
+        self._check_timer = QTimer(self, singleShot=True, interval=CHECK_DELAY_MS)
+        self._check_timer.timeout.connect(self.check_now)
 
         self.entries_layout = QVBoxLayout()
         self.add_button = QPushButton("Add entry")
@@ -165,6 +199,10 @@ class CompareLab(QWidget):
         self.run_button.clicked.connect(self.run)
         self.status = QLabel("The first sequential entry is the reference for speedup and fidelity.")
         self.status.setWordWrap(True)
+        self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.fix_button = QPushButton()
+        self.fix_button.clicked.connect(self.apply_fix)
+        self.fix_button.hide()
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -202,6 +240,7 @@ class CompareLab(QWidget):
         layout.addLayout(self.entries_layout)
         layout.addLayout(entry_buttons)
         layout.addWidget(self.status)
+        layout.addWidget(self.fix_button, alignment=Qt.AlignmentFlag.AlignLeft)
         layout.addWidget(results, 1)
         layout.addLayout(export_buttons)
         self.set_entries(DEFAULT_ENTRIES)
@@ -223,11 +262,16 @@ class CompareLab(QWidget):
         for strategy, devices in entries or DEFAULT_ENTRIES:
             self.add_entry(strategy, devices, notify=False)
 
+    def set_devices(self, devices: list[dict[str, Any]]) -> None:
+        """The engine's device inventory (catalog `devices`): what the entries offer."""
+        self.device_specs = device_choices(devices)
+        self.set_entries(self.entries())
+
     def add_entry(self, strategy: str, devices: str, notify: bool = True) -> None:
-        row = EntryRow(self.strategies, strategy, devices)
+        row = EntryRow(self.strategies, strategy, devices, self.device_specs)
         row.removed.connect(self._remove_entry)
         row.strategy.currentIndexChanged.connect(self._notify)
-        row.devices.editingFinished.connect(self._notify)
+        row.devices.currentIndexChanged.connect(self._notify)
         self.rows.append(row)
         self.entries_layout.addWidget(row)
         if notify:
@@ -246,12 +290,77 @@ class CompareLab(QWidget):
 
     def _notify(self) -> None:
         self.entries_changed.emit(self.entries())
+        self.schedule_check()
+
+    # ---- validation (the engine's `check`) ----------------------------------------------------
+    def set_connected(self, connected: bool) -> None:
+        self._connected = connected
+        if connected:
+            self.schedule_check()
+        self._update_run()
+
+    def schedule_check(self) -> None:
+        if self._connected:
+            self._pending = True
+            self._check_timer.start()
+            self._update_run()
+
+    def check_now(self) -> None:
+        self._check_timer.stop()
+        request = self.current_request()
+        if self._connected and request.model:
+            self._pending = True
+            self.check_wanted.emit(request, self.entries())
+        else:
+            self._pending = False
+
+    def set_check_result(self, result: CheckResult) -> None:
+        self.check, self._pending = result, False
+        for index, row in enumerate(self.rows):
+            bad = result.invalid and result.entry == index
+            row.devices.setStyleSheet(INVALID_STYLE if bad and result.field == "devices" else "")
+            row.strategy.setStyleSheet(INVALID_STYLE if bad and result.field != "devices" else "")
+            row.setToolTip(result.problem if bad else "")
+        action = fix_action(result.field, result.value) if result.entry is not None else None
+        if result.invalid:
+            where = f"Entry {result.entry + 1}: " if result.entry is not None else "The request: "
+            self.status.setText(
+                where + (result.problem if action else f"{result.problem} {fix_words(result.fix)}")
+            )
+        elif result.ok:
+            self.status.setText("The first sequential entry is the reference for speedup and fidelity.")
+        self.fix_button.setText(action or "")
+        self.fix_button.setVisible(result.invalid and action is not None)
+        self._update_run()
+        if self._run_when_checked:
+            self._run_when_checked = False
+            if not result.invalid:
+                self.run()
+
+    def apply_fix(self) -> None:
+        result = self.check
+        if result.entry is None or not 0 <= result.entry < len(self.rows) or result.value is None:
+            return
+        row = self.rows[result.entry]
+        if result.field == "devices":
+            row.set_devices(str(result.value))
+        elif result.field == "strategy":
+            row.strategy.setCurrentText(str(result.value))
+        self.check_now()
+
+    def _update_run(self) -> None:
+        # A stale "invalid" does not block: the answer about the entries now on screen decides.
+        self.run_button.setEnabled(self._connected and not (self.check.invalid and not self._pending))
 
     # ---- running ------------------------------------------------------------------------------
     def run(self) -> None:
         request = self.current_request()
         if not request.model:
             self.status.setText("Pick a model in the request panel first.")
+            return
+        if self._pending:  # run once the engine has answered about these entries
+            self._run_when_checked = True
+            self.check_now()
             return
         self.submit_requested.emit(request, self.entries())
         self.status.setText(f"Queued: {request.model}, seed {request.seed}, {len(self.rows)} runs…")

@@ -32,6 +32,8 @@ REPLY_TYPES = {
     "requeue": "queue",
     "queue": "queue",
     "cancel": "job_cancelling",
+    "check": "check",
+    "resume": "queue",
 }
 
 RETRY_INTERVAL_MS = 200
@@ -106,6 +108,8 @@ class EngineClient(QObject):
         self.connect_timeout_s = connect_timeout_s
         self.engine_pid: int | None = None
         self.jobs: list[dict[str, Any]] = []
+        self.held = False  # the engine holds a queue kept from the last session until `resume`
+        self.failures: dict[str, dict[str, Any]] = {}  # job_id -> the structured error of its failure
         self._state = EngineState.STOPPED
         self._reader = MessageReader()
         self._pending: list[tuple[str, Callable[[dict[str, Any]], None] | None]] = []
@@ -295,6 +299,22 @@ class EngineClient(QObject):
     def requeue(self, job_id: str) -> bool:
         return self.request({"type": "requeue", "job_id": job_id})
 
+    def check(
+        self,
+        request: dict[str, Any],
+        compare: list[list[str]] | None = None,
+        folders: list[str] | None = None,
+        on_reply: Callable | None = None,
+    ) -> bool:
+        """Ask the engine whether `request` (and each comparison entry) would run; queues nothing."""
+        message: dict[str, Any] = {"type": "check", "request": request, "folders": list(folders or [])}
+        if compare:
+            message["compare"] = [list(entry) for entry in compare]
+        return self.request(message, on_reply)
+
+    def resume(self) -> bool:
+        return self.request({"type": "resume"})
+
     def refresh_queue(self) -> bool:
         return self.request({"type": "queue"})
 
@@ -321,6 +341,7 @@ class EngineClient(QObject):
             self.catalog_received.emit(message)
         elif kind == "queue":
             self.jobs = list(message.get("jobs", []))
+            self.held = bool(message.get("held", False))
             self._update_busy()
             self.queue_changed.emit(self.jobs)
         elif kind == "job_started":
@@ -337,6 +358,8 @@ class EngineClient(QObject):
             self.job_finished.emit(message["job_id"], message.get("result") or {})
         elif kind == "job_failed":
             self._set_state(EngineState.READY)
+            if isinstance(message.get("details"), dict):
+                self.failures[message["job_id"]] = message["details"]
             self.job_failed.emit(message["job_id"], message.get("error", ""))
         elif kind == "job_cancelling":
             self.job_cancelling.emit(message["job_id"])

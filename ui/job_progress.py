@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
 
 from engine.protocol import STAGES
 
@@ -97,7 +97,9 @@ class ProgressPanel(QWidget):
     def __init__(self, progress: JobProgress, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.progress = progress
-        self.label = QLabel("idle")
+        self.label = QLabel("idle", wordWrap=True)
+        # A long error wraps here instead of widening the window past the screen.
+        self.label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.bar = QProgressBar()
         self.bar.setRange(0, 1000)
         self.bar.setTextVisible(False)

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QDockWidget,
     QFileDialog,
     QMainWindow,
+    QMessageBox,
     QScrollArea,
     QSplitter,
     QTabWidget,
@@ -33,6 +34,7 @@ from engine.protocol import GenerationRequest
 from ui.compare_lab import CompareLab
 from ui.engine_client import EngineClient, EngineState
 from ui.engine_panel import EnginePanel, EngineStatusLabel
+from ui.help_menu import add_help_menu
 from ui.history_panel import HistoryPanel
 from ui.job_progress import JobProgress, ProgressPanel
 from ui.model_info import BUILTIN_STRATEGIES, ModelInfo, strategy_width
@@ -44,6 +46,7 @@ from ui.settings import StudioSettings
 from ui.strategy_picker import parse_device_spec
 from ui.thumbnails import ThumbnailCache
 from ui.timeline_view import TimelineView
+from ui.validation import CheckResult, people_message
 
 if TYPE_CHECKING:
     from ui.models_dialog import ModelsDialog
@@ -85,12 +88,15 @@ class MainWindow(QMainWindow):
         self.client = client
         self.settings = settings or StudioSettings()
         self.models: dict[str, ModelInfo] = {}
+        self._devices: list[dict[str, Any]] = []  # the engine's inventory, for the About box
         self.strategies: dict[str, dict[str, Any]] = {}  # name -> the catalog's description
         self.current_job: dict[str, Any] | None = None
         self.runs_started = 0  # runs begun in the current job (a comparison has several)
         self._catalog_requested = False
         self._select_after_catalog: str | None = None  # a model folder just added
         self.models_dialog: ModelsDialog | None = None
+        self._checks_sent = {"request": 0, "compare": 0}  # only the answer to the newest check counts
+        self._close_after_queue = False  # "Finish first": close once the queue has run
 
         chosen = self.settings.output_folder()
         self._build_panels(output_dir or (Path(chosen) if chosen else default_output_dir()))
@@ -196,6 +202,7 @@ class MainWindow(QMainWindow):
         self.sound_action.toggled.connect(self.settings.set_notify_sound)
         view_menu.addAction(self.notify_action)
         view_menu.addAction(self.sound_action)
+        add_help_menu(self, lambda: self._devices, lambda: self.client.engine_pid)
 
     def _connect_client(self) -> None:
         c = self.client
@@ -234,6 +241,13 @@ class MainWindow(QMainWindow):
         h.favourites_changed.connect(self.settings.set_favourites)
         self.engine_panel.restart_requested.connect(self.client.restart)
         self.compare_lab.submit_requested.connect(self.submit_comparison)
+        self.request_panel.check_wanted.connect(lambda request: self._check("request", request))
+        self.compare_lab.check_wanted.connect(
+            lambda request, entries: self._check("compare", request, entries)
+        )
+        q.resume_requested.connect(self.client.resume)
+        self.request_panel.changed.connect(self.compare_lab.schedule_check)  # same request, other entries
+        self.client.queue_changed.connect(self._on_queue)
         self.compare_lab.entries_changed.connect(self.settings.set_compare_entries)
 
     def _restore_settings(self) -> None:
@@ -307,6 +321,28 @@ class MainWindow(QMainWindow):
         if not self.client.submit(request.to_dict(), compare=entries, on_reply=self._on_submitted):
             self.statusBar().showMessage("The engine is not running: start it with Engine > Restart.", 8000)
 
+    def _check(self, what: str, request: GenerationRequest, entries: list[list[str]] | None = None) -> None:
+        """Ask the engine whether the request (or comparison) would run; the newest answer is shown."""
+        self._checks_sent[what] += 1
+        number = self._checks_sent[what]
+        target = self.request_panel if what == "request" else self.compare_lab
+
+        def answered(reply: dict[str, Any]) -> None:
+            if number == self._checks_sent[what]:
+                target.set_check_result(CheckResult.from_reply(reply))
+
+        folders = self.settings.model_folders()
+        request_dict = self._with_output(request).to_dict()
+        if not self.client.check(request_dict, entries, folders, on_reply=answered):
+            target.set_check_result(CheckResult())
+
+    def _on_queue(self, jobs: list[dict[str, Any]]) -> None:
+        waiting = sum(job.get("status") == "queued" for job in jobs)
+        self.queue_panel.set_held(self.client.held, waiting)
+        if self._close_after_queue and not any(j.get("status") in ("queued", "running") for j in jobs):
+            self._close_after_queue = False
+            self.close()
+
     def _on_submitted(self, reply: dict[str, Any]) -> None:
         if reply.get("type") == "error":
             self.statusBar().showMessage(f"Not queued: {reply.get('message')}", 15000)
@@ -371,8 +407,8 @@ class MainWindow(QMainWindow):
         self.status_label.set_state(state, self.client.engine_pid)
         self.engine_panel.set_state(state, self.client.engine_pid)
         connected = state in (EngineState.READY, EngineState.BUSY)
-        self.request_panel.generate_button.setEnabled(connected)
-        self.compare_lab.run_button.setEnabled(connected)
+        self.request_panel.set_connected(connected)
+        self.compare_lab.set_connected(connected)
         if connected and not self._catalog_requested:
             self._catalog_requested = True
             self.client.fetch_catalog(self.settings.model_folders())
@@ -388,6 +424,8 @@ class MainWindow(QMainWindow):
         self._select_after_catalog = None
         self.strategies = {s["name"]: s for s in catalog.get("strategies", []) if s.get("name")}
         self.compare_lab.set_strategies(list(self.strategies))
+        self._devices = list(catalog.get("devices", []))
+        self.compare_lab.set_devices(self._devices)
         gpus = [d for d in catalog.get("devices", []) if d.get("kind") == "cuda"]
         self.engine_panel.append(
             f"catalog: {len(self.models)} models, {len(gpus)} GPU(s)"
@@ -461,6 +499,15 @@ class MainWindow(QMainWindow):
             self.show_result(result["output"])
 
     def _on_job_failed(self, job_id: str, error: str) -> None:
+        details = self.client.failures.pop(job_id, None)
+        if details:  # the engine's fix in the window's words ("Set Workers to 2", not "--devices")
+            error = people_message(
+                str(details.get("problem", "")),
+                str(details.get("fix") or ""),
+                details.get("field"),
+                details.get("value"),
+                self.request_panel.strategy_picker.has_gpus(),
+            )
         self._end_job(f"Failed: {error}", finished=False)
         self.preview.set_message(f"Failed: {error}")
         self.engine_panel.append(f"job {job_id} failed: {error}", "window")
@@ -497,7 +544,51 @@ class MainWindow(QMainWindow):
         self.settings.set_window_state(self.saveGeometry(), self.saveState())
         self.settings.sync()
 
+    def ask_about_jobs(self, running: int, queued: int) -> str:
+        """What to do with unfinished jobs on close: "finish", "keep", "discard" or "cancel"."""
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle("Jobs not finished")
+        parts = [f"{running} running" if running else "", f"{queued} queued" if queued else ""]
+        box.setText(f"{' and '.join(p for p in parts if p)} job(s) have not finished.")
+        box.setInformativeText(
+            "Finish them first (the window closes when the queue is done), keep them for next time "
+            "(they wait until you resume; a running job is stopped and can be requeued), or discard them."
+        )
+        buttons = {
+            box.addButton("Finish first", QMessageBox.ButtonRole.AcceptRole): "finish",
+            box.addButton("Keep for next time", QMessageBox.ButtonRole.DestructiveRole): "keep",
+            box.addButton("Discard", QMessageBox.ButtonRole.DestructiveRole): "discard",
+            box.addButton(QMessageBox.StandardButton.Cancel): "cancel",
+        }
+        box.exec()
+        return buttons.get(box.clickedButton(), "cancel")
+
     def closeEvent(self, event: QCloseEvent) -> None:
+        # Only a shown window with an engine to act on asks (not one closed at exit or in a test).
+        jobs = self.client.jobs if self.client.connected and self.isVisible() else []
+        running = [j["job_id"] for j in jobs if j.get("status") == "running"]
+        queued = [j["job_id"] for j in jobs if j.get("status") == "queued"]
+        if running or queued:
+            choice = self.ask_about_jobs(len(running), len(queued))
+            if choice in ("cancel", "finish"):
+                self._close_after_queue = choice == "finish"
+                if choice == "finish":
+                    self.statusBar().showMessage("The window closes once the queue has run.", 0)
+                event.ignore()
+                return
+            if choice == "discard":
+                # Closes once the engine says the job is cancelled (a stop now would only mark it
+                # interrupted, kept for next time).
+                for job_id in queued:
+                    self.client.remove(job_id)
+                for job_id in running:
+                    self.client.cancel(job_id)
+                if running:
+                    self._close_after_queue = True
+                    self.statusBar().showMessage("Discarding the jobs; the window closes when they stop.", 0)
+                    event.ignore()
+                    return
         self.save_settings()
         if self._result_viewer is not None:
             self._result_viewer.clear()

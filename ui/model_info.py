@@ -36,6 +36,7 @@ class ModelInfo:
     published_steps: int = 50
     published_warmup: int = 5
     known: bool = True  # False: a model named by a restored request but absent from the catalog
+    random_weights: bool = False  # the catalog says so: untrained, it outputs noise
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> ModelInfo:
@@ -52,6 +53,7 @@ class ModelInfo:
             conditioning=str(entry.get("conditioning") or conditioning),
             published_steps=int(entry.get("published_steps") or steps),
             published_warmup=int(entry.get("published_warmup") or warmup),
+            random_weights=entry.get("random_weights") is True,
         )
 
     @classmethod

@@ -149,7 +149,8 @@ class PreviewView(QWidget):
         painter.fillRect(self.rect(), QColor(24, 24, 28))
         if not self.frames:
             painter.setPen(QColor(160, 160, 170))
-            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, self.message)
+            flags = Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap
+            painter.drawText(self.rect().adjusted(12, 12, -12, -12), flags, self.message)
             return
         image = self.frames[self.current]
         area = QRectF(self.rect()).adjusted(4, 4, -4, -22)

@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QHBoxLayout,
+    QLabel,
     QListView,
     QListWidget,
     QListWidgetItem,
@@ -65,6 +66,7 @@ class QueuePanel(QWidget):
     cancel_requested = Signal(str)
     requeue_requested = Signal(str)
     use_settings_requested = Signal(dict)  # a job's request
+    resume_requested = Signal()  # run a queue kept from the last session
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -98,6 +100,17 @@ class QueuePanel(QWidget):
         self.hide_finished.toggled.connect(lambda: self.set_jobs(self.jobs))
         self.cancel_button.setToolTip("Stop the running job now (its decode is skipped)")
 
+        # A queue kept from the last session waits for the user's say-so.
+        self.held_note = QLabel(wordWrap=True)
+        self.resume_button = QPushButton("Resume queue")
+        self.resume_button.clicked.connect(self.resume_requested)
+        self.held_row = QWidget()
+        held_layout = QHBoxLayout(self.held_row)
+        held_layout.setContentsMargins(0, 0, 0, 0)
+        held_layout.addWidget(self.held_note, 1)
+        held_layout.addWidget(self.resume_button)
+        self.held_row.hide()
+
         buttons = QHBoxLayout()
         for button in (
             self.up_button,
@@ -108,12 +121,17 @@ class QueuePanel(QWidget):
         ):
             buttons.addWidget(button)
         layout = QVBoxLayout(self)
+        layout.addWidget(self.held_row)
         layout.addWidget(self.list, 1)
         layout.addLayout(buttons)
         layout.addWidget(self.hide_finished)
         self._update_buttons()
 
     # ---- model --------------------------------------------------------------------------------
+    def set_held(self, held: bool, waiting: int) -> None:
+        self.held_note.setText(f"Paused: {waiting} job(s) kept from last time wait for you.")
+        self.held_row.setVisible(held)
+
     def set_jobs(self, jobs: list[dict[str, Any]]) -> None:
         """Show the engine's queue, keeping the selection."""
         self.jobs = list(jobs)

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QRegularExpression, Qt, Signal
+from PySide6.QtCore import QRegularExpression, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QPixmap, QRegularExpressionValidator, QShortcut
 from PySide6.QtWidgets import (
     QComboBox,
@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QToolButton,
     QVBoxLayout,
@@ -33,9 +34,10 @@ from PySide6.QtWidgets import (
 )
 
 from engine.checkpoints import load_checkpoints
-from engine.protocol import GenerationRequest
+from engine.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, GenerationRequest
 from ui.model_info import ModelInfo
 from ui.strategy_picker import StrategyPicker
+from ui.validation import CheckResult, Validation, fix_action, fix_words
 
 AUTO = "auto"
 SEED_MODES = ("fixed", "random", "increment")
@@ -50,6 +52,17 @@ SOURCE_TITLES = {
 }
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.webp *.bmp)"
 THUMBNAIL_SIZE = (120, 80)
+RANDOM_WEIGHTS = "random weights, outputs noise"
+CHECK_DELAY_MS = 250  # ask the engine once typing pauses, not on every key
+INVALID_STYLE = "border: 2px solid #d04040; border-radius: 3px;"
+
+
+def wrapping_label() -> QLabel:
+    """A label that wraps and never widens its layout (a long engine error must not grow the window)."""
+    label = QLabel(wordWrap=True)
+    label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
 
 
 def _int_field(maximum: int, step: int = 1) -> QSpinBox:
@@ -84,6 +97,7 @@ class RequestPanel(QWidget):
     model_folder_added = Signal(str)
     get_models_requested = Signal(str)  # open the Models dialog at this checkpoint ("": none)
     changed = Signal()
+    check_wanted = Signal(object)  # the GenerationRequest to ask the engine about (debounced)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -91,6 +105,12 @@ class RequestPanel(QWidget):
         self._output: str | None = None  # a folder named by a restored request (never a file)
         self._loras: list[dict[str, Any]] = []  # LoRA adapters of a restored request (no editor yet)
         self._last_model: str | None = None  # the model picked before a "not installed" entry
+        self._connected = False
+        self._generate_when_checked = False  # Generate pressed while an answer was on its way
+        self._empty_prompt_ok = False  # asked once per session
+        self.validation = Validation()
+        self._check_timer = QTimer(self, singleShot=True, interval=CHECK_DELAY_MS)
+        self._check_timer.timeout.connect(self.check_now)
 
         # Model
         self.model_box = QComboBox()
@@ -129,17 +149,18 @@ class RequestPanel(QWidget):
         image_layout.addWidget(self.image_thumb)
 
         # Shape of the clip
-        self.frames = _int_field(1000)
-        self.height_box = _int_field(4096, 8)
-        self.width_box = _int_field(4096, 8)
+        self.frames = _int_field(MAX_FRAMES)  # the engine's cap, so every value it suggests fits
+        self.height_box = _int_field(MAX_SIDE, 8)
+        self.width_box = _int_field(MAX_SIDE, 8)
         self.fps = _int_field(120)
         self.seconds = _float_field(600.0, 0.5, 2)
 
         # Sampling
-        self.steps = _int_field(1000)
+        self.steps = _int_field(MAX_STEPS)
         # Guidance 0 is a real value (no guidance), so "auto" sits just below it.
         self.guidance = _float_field(100.0, 0.5, 2, auto_at=-0.5)
-        self.seed = QLineEdit("0")
+        # A new seed each session (and, in "random" mode, each Generate); the clip's sidecar keeps it.
+        self.seed = QLineEdit(str(random.randint(0, RANDOM_SEED_LIMIT)))
         self.seed.setValidator(QRegularExpressionValidator(QRegularExpression(r"\d{1,19}")))
         self.seed_mode = QComboBox()
         for mode in SEED_MODES:
@@ -152,6 +173,21 @@ class RequestPanel(QWidget):
         self.dice.clicked.connect(lambda: self.seed.setText(str(random.randint(0, RANDOM_SEED_LIMIT))))
 
         self.strategy_picker = StrategyPicker()
+        self.prompt_note = wrapping_label()
+        self.prompt_note.setText(
+            "The prompt is empty: the clip will be about nothing in particular. Type one, or press "
+            "Generate again to go ahead without."
+        )
+        self.prompt_note.hide()
+        self.prompt.textChanged.connect(self.prompt_note.hide)
+        self.problem_label = wrapping_label()
+        self.problem_label.setStyleSheet("color: #d04040;")
+        self.problem_label.hide()
+        self.fix_button = QPushButton()
+        self.fix_button.setToolTip("Apply the engine's suggested value")
+        self.fix_button.clicked.connect(self.apply_fix)
+        self.fix_button.hide()
+        self.validation.observe(lambda _v: self._show_validation())
         self.generate_button = QPushButton("Generate")
         self.generate_button.setToolTip("Queue this request (Ctrl+Enter)")
         self.generate_button.setDefault(True)
@@ -189,6 +225,7 @@ class RequestPanel(QWidget):
         self.form.addRow("Model", model_row)
         self.form.addRow("", self.model_note)
         self.form.addRow("Prompt", self.prompt)
+        self.form.addRow("", self.prompt_note)
         self.form.addRow("Negative", self.negative_prompt)
         self.form.addRow("Image", self.image_row)
         self.form.addRow("Frames", self.frames)
@@ -207,6 +244,8 @@ class RequestPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(self.form)
         layout.addWidget(strategy_group)
+        layout.addWidget(self.problem_label)
+        layout.addWidget(self.fix_button, alignment=Qt.AlignmentFlag.AlignLeft)
         layout.addWidget(self.generate_button)
         layout.addStretch(1)
 
@@ -236,7 +275,8 @@ class RequestPanel(QWidget):
         for source, infos in by_source.items():
             self._add_header(SOURCE_TITLES.get(source, source))
             for info in infos:
-                self.model_box.addItem(f"  {info.name}", info.name)
+                label = f"  {info.name}" + ("  (random weights)" if info.random_weights else "")
+                self.model_box.addItem(label, info.name)
                 tip = f"{info.family} ({info.modality})\n{info.path}\n{info.description}".strip()
                 self.model_box.setItemData(self.model_box.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
         self._add_not_installed()
@@ -249,6 +289,8 @@ class RequestPanel(QWidget):
             self._select_model(next(iter(self._models)))
             self._apply_defaults()
             self.strategy_picker.set_value(keep.strategy, keep.strategy_options, keep.devices)
+        if self._connected:
+            self._check_timer.start()
 
     def _add_not_installed(self) -> None:
         """The checkpoints `pull` knows that the catalog lacks; picking one opens the Models dialog."""
@@ -339,14 +381,114 @@ class RequestPanel(QWidget):
 
     # ---- actions ------------------------------------------------------------------------------
     def generate(self) -> None:
-        """Emit the request, then move the seed on as its mode says (for the next Generate)."""
+        """Emit the request, then move the seed on as its mode says (for the next Generate).
+
+        An answer still on its way (an edit within the last moment) is waited for first."""
         if not self.generate_button.isEnabled():
             return
         request = self.request()
         if not request.model:
             return
+        if self._check_timer.isActive() or self.validation.pending:
+            self._generate_when_checked = True
+            self.check_now()
+            return
+        info = self.model_info()
+        empty = info is not None and info.shows("prompt") and not request.prompt.strip()
+        if empty and not self._empty_prompt_ok:
+            # Asked once a session, without a modal dialog: a second Generate goes ahead.
+            self._empty_prompt_ok = True
+            self.prompt_note.show()
+            self.prompt.setFocus()
+            return
+        self.prompt_note.hide()
         self.generate_requested.emit(request)
         self.advance_seed()
+
+    # ---- validation (the engine's `check`) ----------------------------------------------------
+    def set_connected(self, connected: bool) -> None:
+        self._connected = connected
+        if connected:
+            self.check_now()
+        self._update_generate()
+
+    def check_now(self) -> None:
+        self._check_timer.stop()
+        if self._connected and self.model_box.currentData():
+            self.validation.set_pending()
+            self.check_wanted.emit(self.request())
+
+    def set_check_result(self, result: CheckResult) -> None:
+        """The engine's answer to the latest `check_wanted` (older answers are dropped by the caller)."""
+        self.validation.set_result(result)
+        if self._generate_when_checked:
+            self._generate_when_checked = False
+            if not result.invalid:
+                self.generate()
+
+    def _field_widgets(self) -> dict[str, QWidget]:
+        widgets: dict[str, QWidget] = {
+            **self._number_fields(),
+            "model": self.model_box,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "image": self.image_path,
+            "seed": self.seed,
+            "strategy": self.strategy_picker.strategy_box,
+            "devices": self.strategy_picker.devices_widget(),
+        }
+        for name, box in self.strategy_picker.option_boxes().items():
+            widgets[f"strategy_options.{name}"] = box
+        return widgets
+
+    def _show_validation(self) -> None:
+        result = self.validation.result
+        gpus = self.strategy_picker.has_gpus()
+        for name, widget in self._field_widgets().items():
+            bad = result.invalid and result.field == name
+            widget.setStyleSheet(INVALID_STYLE if bad else "")
+            widget.setToolTip(result.problem if bad else "")
+        if result.invalid:
+            action = fix_action(result.field, result.value, gpus)
+            self.problem_label.setText(
+                result.problem if action else f"{result.problem} {fix_words(result.fix, gpus)}"
+            )
+            self.fix_button.setText(action or "")
+            self.fix_button.setVisible(action is not None)
+        self.problem_label.setVisible(result.invalid)
+        if not result.invalid:
+            self.fix_button.hide()
+        self.strategy_picker.set_runnable(not result.invalid)
+        self._update_generate()
+
+    def _update_generate(self) -> None:
+        invalid = self.validation.invalid
+        self.generate_button.setEnabled(self._connected and not invalid)
+        self.generate_button.setToolTip(
+            "Fix the request first: " + self.validation.result.problem
+            if invalid
+            else "Queue this request (Ctrl+Enter)"
+        )
+
+    def apply_fix(self) -> None:
+        """Set the field at fault to the engine's suggested value."""
+        result = self.validation.result
+        field, value = result.field, result.value
+        if field is None or value is None:
+            return
+        if field in self._number_fields():
+            _set(self._number_fields()[field], value)
+        elif field == "devices":
+            self.strategy_picker.choose_devices(str(value))
+        elif field == "strategy":
+            self.strategy_picker.choose_strategy(str(value))
+        elif field.startswith("strategy_options."):
+            box = self.strategy_picker.option_boxes().get(field.split(".", 1)[1])
+            if box is not None:
+                box.setValue(int(value))
+        elif field == "seed":
+            self.seed.setText(str(value))
+        self.check_now()  # at once: the user expects the mark to go
 
     def advance_seed(self) -> None:
         mode = self.seed_mode_value()
@@ -394,11 +536,15 @@ class RequestPanel(QWidget):
         elif not info.known:
             self.model_note.setText("Not in the catalog: every field is shown; the engine checks them.")
         else:
-            self.model_note.setText(f"{info.family}, {info.modality}, {info.source}")
+            note = f"{info.family}, {info.modality}, {info.source}"
+            self.model_note.setText(f"{note}; {RANDOM_WEIGHTS} (for tests)" if info.random_weights else note)
         self.model_note.setToolTip(info.description if info else "")
 
     def _on_changed(self) -> None:
         self._update_context()
+        if self._connected:  # no engine, nobody to ask: the run decides
+            self.validation.set_pending()
+            self._check_timer.start()
         self.changed.emit()
 
     def _update_context(self) -> None:

@@ -1,7 +1,7 @@
 """The result viewer: plays a finished clip with play/pause, loop, scrub and mute.
 
 A new video result starts playing muted and looping (a generated clip is short; sound would be a
-surprise); audio results load paused, since muted audio shows nothing, and show their waveform
+surprise); audio results load paused and unmuted (Play must be heard), and show their waveform
 (`ui.waveform`). A video can be stepped one frame at a time (the buttons, or the , and . keys): the
 player pauses and moves by one frame at the clip's rate (from its sidecar, else the player's
 metadata, else `DEFAULT_FPS`).
@@ -134,14 +134,23 @@ class ResultViewer(QWidget):
             self.waveform.hide()
             self.waveform.clear()
         self.player.stop()
+        self._reset_time()  # the previous clip's duration must not show until the new one's is known
         self.player.setSource(QUrl.fromLocalFile(path))
-        if autoplay and not audio:
+        if audio:
+            self.mute_box.setChecked(False)  # a video's muted autoplay must not silence audio
+        elif autoplay:
             self.mute_box.setChecked(True)
             self.player.play()
+
+    def _reset_time(self) -> None:
+        self.slider.setRange(0, 0)
+        self.slider.setValue(0)
+        self.time_label.setText(f"{_clock(0)} / {_clock(0)}")
 
     def clear(self) -> None:
         self.player.stop()
         self.player.setSource(QUrl())
+        self._reset_time()
         self.path = None
         self.fps = None
         self.waveform.hide()
@@ -212,6 +221,7 @@ class ResultViewer(QWidget):
 
     def _on_duration(self, duration: int) -> None:
         self.slider.setRange(0, duration)
+        self.time_label.setText(f"{_clock(self.player.position())} / {_clock(duration)}")
 
     def _on_state(self, state: QMediaPlayer.PlaybackState) -> None:
         self.play_button.setText("Pause" if state == QMediaPlayer.PlaybackState.PlayingState else "Play")

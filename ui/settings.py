@@ -49,7 +49,8 @@ class StudioSettings:
         self._set_json("request/last", request.to_dict())
 
     def seed_mode(self) -> str:
-        return str(self.qsettings.value("request/seed_mode", "fixed"))
+        # Random by default: Generate twice should give two clips (the seed is shown and kept).
+        return str(self.qsettings.value("request/seed_mode", "random"))
 
     def set_seed_mode(self, mode: str) -> None:
         self.qsettings.setValue("request/seed_mode", mode)

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -78,6 +79,8 @@ class StrategyPicker(QWidget):
         self._devices_chosen = False  # set by a restored request or the user; else "auto" applies
         self._steps: int | None = None
         self._model: ModelInfo | None = None
+        self._runnable = True  # False while the engine says the request cannot run
+        self._workers_before_pin = DEFAULT_CPU_WORKERS  # restored when leaving a one-device strategy
 
         self.strategy_box = QComboBox()
         self.strategy_box.currentIndexChanged.connect(self._on_strategy_changed)
@@ -90,18 +93,25 @@ class StrategyPicker(QWidget):
         self.cpu_workers.setRange(1, max(1, cpu_cores() * MAX_CPU_WORKERS_PER_CORE))
         self.cpu_workers.setValue(min(DEFAULT_CPU_WORKERS, self.cpu_workers.maximum()))
         self.cpu_workers.setSuffix(" CPU workers")
+        self.devices_box = QWidget()  # the devices row, for marking it as the field at fault
         self.cpu_workers.valueChanged.connect(self._on_devices_touched)
         self.device_note = QLabel()
         self.device_note.setWordWrap(True)
         self.device_note.hide()
-        self.speedup_label = QLabel()
+        self.speedup_label = QLabel(wordWrap=True)
+        # Wraps rather than widening the request panel past its dock.
+        self.speedup_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.speedup_label.setToolTip(
             "Ideal speedup of the denoising loop: T / (W + ceil((T - W) / N)) for T steps, "
             "W warm-up steps and N devices (P look-ahead latents for batchstep), times 2 where the "
             "guidance halves run on two devices."
         )
 
-        devices_row = QHBoxLayout()
+        devices_row = QHBoxLayout(self.devices_box)
+        devices_row.setContentsMargins(0, 0, 0, 0)
+        # Named as the engine's fixes are worded in the window ("Set Workers to 2": ui.validation).
+        self.devices_label = QLabel("Workers")
+        devices_row.addWidget(self.devices_label)
         devices_row.addLayout(self.gpu_row)
         devices_row.addWidget(self.cpu_workers)
         devices_row.addStretch(1)
@@ -110,7 +120,7 @@ class StrategyPicker(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.strategy_box)
         layout.addLayout(self.options_form)
-        layout.addLayout(devices_row)
+        layout.addWidget(self.devices_box)
         layout.addWidget(self.device_note)
         layout.addWidget(self.speedup_label)
         self._update_speedup()
@@ -148,6 +158,7 @@ class StrategyPicker(QWidget):
             self.gpu_row.addWidget(box)
             self.gpu_checks.append(box)
         self.cpu_workers.setVisible(not self._gpus)
+        self.devices_label.setText("GPUs" if self._gpus else "Workers")
 
     # ---- values -------------------------------------------------------------------------------
     def strategy(self) -> str:
@@ -178,6 +189,30 @@ class StrategyPicker(QWidget):
             return 1
         kind, values = parsed
         return values[0] if kind == "cpu" else len(values)
+
+    def has_gpus(self) -> bool:
+        return bool(self._gpus)
+
+    def devices_widget(self) -> QWidget:
+        return self.cpu_workers if not self._gpus else self.devices_box
+
+    def option_boxes(self) -> dict[str, QSpinBox | OnOffBox]:
+        return dict(self._option_boxes)
+
+    def choose_devices(self, spec: str) -> None:
+        """Devices as if the user had picked them (a one-click fix)."""
+        self._set_devices(spec)
+        self._on_devices_touched()
+
+    def choose_strategy(self, name: str) -> None:
+        index = self.strategy_box.findData(name)
+        if index >= 0:
+            self.strategy_box.setCurrentIndex(index)
+
+    def set_runnable(self, runnable: bool) -> None:
+        """An ideal speedup is only shown for a request the engine would run."""
+        self._runnable = runnable
+        self._update_speedup()
 
     def value(self) -> tuple[str, dict[str, int], str]:
         return self.strategy(), self.options(), self.devices()
@@ -308,9 +343,14 @@ class StrategyPicker(QWidget):
         """One-device strategies: CPU workers pinned to 1, GPU checkboxes exclusive."""
         single = self._max_devices() == 1
         if not self._gpus:
+            pinned = not self.cpu_workers.isEnabled()
             self.cpu_workers.setEnabled(not single)
-            if single:
+            if single and not pinned:
+                self._workers_before_pin = self.cpu_workers.value()
                 self.cpu_workers.setValue(1)
+            elif not single and pinned and self._workers_before_pin > 1:
+                # Back from a one-device strategy: the count the user had, not the pinned 1.
+                self.cpu_workers.setValue(self._workers_before_pin)
         elif single:
             checked = [b for b in self.gpu_checks if b.isChecked()]
             for box in self.gpu_checks:
@@ -366,7 +406,9 @@ class StrategyPicker(QWidget):
     def _update_speedup(self) -> None:
         ideal = self.ideal()
         terms = self.ideal_terms()
-        if ideal is None:
+        if not self._runnable:
+            text = "ideal speedup: none (fix the request first)"
+        elif ideal is None:
             text = "ideal speedup ? (step count unknown)"
         elif terms is not None and terms[2] > 1:
             steps, warmup, width = terms

@@ -55,6 +55,10 @@ class AudioLDM2Adapter(FamilyAdapter):
                 f"Audio length {request.seconds} s is out of range for this model "
                 f"({shortest:.3f} to {MAX_SECONDS:.0f} s).",
                 f"Use --seconds between {shortest:.3f} and {MAX_SECONDS:.0f}.",
+                field="seconds",
+                value=None
+                if request.seconds is None
+                else round(min(max(request.seconds, shortest), MAX_SECONDS), 2),
             )
 
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:

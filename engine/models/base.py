@@ -58,7 +58,11 @@ class FamilyAdapter:
         check_values(resolved)  # the command line builds requests without from_dict
         _check_range("steps", resolved.steps, 1, MAX_STEPS)
         if resolved.guidance_scale is None:
-            raise UserError("'guidance_scale' is None; it must be from 0 to 100.", "Set --guidance-scale.")
+            raise UserError(
+                "'guidance_scale' is None; it must be from 0 to 100.",
+                "Set --guidance-scale.",
+                "guidance_scale",
+            )
         self.check(resolved, entry)
         if inputs:
             self.check_inputs(resolved)
@@ -220,10 +224,10 @@ def load_image(path: str | None, model: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     if not path:
-        raise UserError(f"{model} needs a conditioning image.", "Pass --image FILE (PNG or JPEG).")
+        raise UserError(f"{model} needs a conditioning image.", "Pass --image FILE (PNG or JPEG).", "image")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"Image '{file}' does not exist.", "Check the path given to --image.")
+        raise UserError(f"Image '{file}' does not exist.", "Check the path given to --image.", "image")
     try:
         with Image.open(file) as image:
             width, height = image.size  # from the header: nothing decoded yet
@@ -253,7 +257,9 @@ def _size_of(exc: Exception) -> str:
 
 def _check_range(name: str, value: Any, low: float, high: float) -> None:
     if value is None or not low <= value <= high:
-        raise UserError(f"'{name}' is {value}; it must be from {low} to {high}.", f"Set --{name} in range.")
+        fixed = None if value is None else min(max(value, low), high)
+        message = f"'{name}' is {value}; it must be from {low} to {high}."
+        raise UserError(message, f"Set --{name} in range.", name, fixed)
 
 
 def check_side(name: str, value: int | None, largest: int, default: Any) -> None:
@@ -262,6 +268,8 @@ def check_side(name: str, value: int | None, largest: int, default: Any) -> None
         raise UserError(
             f"{name} {value} is larger than this model makes (at most {largest}).",
             f"Use --{name} {largest} or less{hint}.",
+            field=name,
+            value=largest,
         )
 
 
@@ -270,6 +278,8 @@ def check_multiple(name: str, value: int | None, factor: int, family: str) -> No
         raise UserError(
             f"{name} {value} is not a positive multiple of {factor}, which {family} needs.",
             f"Use a {name} such as {max(factor, (value or 0) // factor * factor)}.",
+            field=name,
+            value=max(factor, (value or 0) // factor * factor),
         )
 
 
@@ -283,11 +293,13 @@ def check_video_size(request: GenerationRequest, family: str, period: int, spati
             f"{family} needs a frame count of {period}k+1 (1, {period + 1}, {2 * period + 1}, ...), "
             f"not {frames}.",
             f"Use --frames {good} or {good + period}.",
+            field="frames",
+            value=good,
         )
     check_multiple("height", request.height, spatial, f"this {family} model")
     check_multiple("width", request.width, spatial, f"this {family} model")
     if not request.fps or request.fps < 1:
-        raise UserError(f"fps {request.fps} must be at least 1.", f"Use --fps {fps}.")
+        raise UserError(f"fps {request.fps} must be at least 1.", f"Use --fps {fps}.", "fps", fps)
 
 
 def to_uint8_frames(video: Any) -> np.ndarray:

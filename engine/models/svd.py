@@ -46,13 +46,17 @@ class SVDAdapter(FamilyAdapter):
         check_multiple("height", request.height, factor, "this Stable Video Diffusion model")
         check_multiple("width", request.width, factor, "this Stable Video Diffusion model")
         if request.frames is None or not 1 <= request.frames <= 64:
-            raise UserError(f"frames {request.frames} is out of range.", "Use --frames 14 or 25.")
+            raise UserError(
+                f"frames {request.frames} is out of range.", "Use --frames 14 or 25.", "frames", 14
+            )
         if not request.fps or request.fps < 1:
-            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 7.")
+            raise UserError(f"fps {request.fps} must be at least 1.", "Use --fps 7.", "fps", 7)
         if request.guidance_scale < MIN_GUIDANCE:
             raise UserError(
                 f"SVD's guidance rises per frame from {MIN_GUIDANCE}; {request.guidance_scale} is lower.",
                 "Use --guidance-scale 1.0 or more.",
+                field="guidance_scale",
+                value=MIN_GUIDANCE,
             )
 
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:

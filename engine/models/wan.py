@@ -102,4 +102,7 @@ class WanImageToVideoAdapter(WanAdapter):
         load_image(request.image, "Wan image-to-video")
 
     def pipeline_kwargs(self, pipe: Any, request: GenerationRequest, generator: Any) -> dict[str, Any]:
-        return {**super().pipeline_kwargs(pipe, request, generator), "image": load_image(request.image, "Wan")}
+        return {
+            **super().pipeline_kwargs(pipe, request, generator),
+            "image": load_image(request.image, "Wan"),
+        }

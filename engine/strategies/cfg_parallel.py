@@ -84,6 +84,7 @@ def refuse_without_guidance(strategy: str, request: Any, adapter: Any) -> None:
             f"'{strategy}' runs the two halves of classifier-free guidance on two devices, but guidance "
             f"scale {request.guidance_scale} (1 or less) turns guidance off: there is only one half.",
             "Set --guidance-scale above 1, or use sequential or parastep.",
+            field="guidance_scale",
         )
 
 

@@ -62,6 +62,8 @@ class CfgParaStepStrategy(CfgSplitCompute, ParaStepStrategy):
                 f"'{cls.name}' splits the guidance batch of one denoiser call, but {adapter.family} "
                 "models run the guidance passes as separate calls.",
                 "Use cfg-parallel (2 devices) or parastep for this model.",
+                field="strategy",
+                value="parastep",
             )
 
     def __init__(self, ctx: Any) -> None:

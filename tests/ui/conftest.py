@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ os.environ.setdefault("QT_LOGGING_RULES", "qt.multimedia.*=false")
 
 import pytest  # noqa: E402
 from PySide6.QtCore import QSettings  # noqa: E402
+from PySide6.QtTest import QTest  # noqa: E402
 
 from engine.catalog import ModelCatalog
 from engine.strategies import STRATEGIES  # noqa: E402
@@ -71,6 +73,8 @@ def open_studio(root: Path, settings, output_dir: Path, *, auto_restart: bool = 
     launcher.started.connect(keep)
     client = EngineClient(socket_path, launcher, auto_restart=auto_restart)
     window = MainWindow(client, settings, output_dir=output_dir)
+    # Closing with unfinished jobs asks; a test that ends with some discards them.
+    window.ask_about_jobs = lambda running, queued: "discard"
     log: list[str] = []
     launcher.output.connect(log.append)
     launcher.output.connect(window.engine_panel.append)  # as app.gui does
@@ -83,6 +87,10 @@ def open_studio(root: Path, settings, output_dir: Path, *, auto_restart: bool = 
     finally:
         try:
             window.close()  # saves settings, stops thumbnails, shuts the engine down and waits
+            # With a job running, "discard" first waits for the engine to cancel it.
+            deadline = time.monotonic() + 60
+            while window.isVisible() and time.monotonic() < deadline:
+                QTest.qWait(50)
             assert not launcher.is_running(), "the engine is still running after the window closed"
         finally:
             KEPT_PROCESSES.difference_update(started)

@@ -132,6 +132,7 @@ def test_fields_follow_the_model_family(panel):
 
 def test_seed_modes_and_ctrl_enter(panel, qtbot):
     panel.seed.setText("10")
+    panel.prompt.setPlainText("a red circle")
     sent = []
     panel.generate_requested.connect(sent.append)
     panel.set_seed_mode("increment")
