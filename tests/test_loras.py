@@ -42,12 +42,12 @@ def tiny_lora(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_lora_changes_the_clip_parastep_one_rank_equals_sequential_and_it_unloads(tiny_lora):
+def test_lora_changes_the_clip_parastep_and_cfg_parallel_keep_it_and_it_unloads(tiny_lora):
     from engine.engine import Engine
 
-    def latents(engine, strategy, loras, **options):
+    def latents(engine, strategy, loras, devices="cpu:1", **options):
         request = GenerationRequest(
-            **REQUEST, strategy=strategy, strategy_options=options, devices="cpu:1", loras=loras
+            **REQUEST, strategy=strategy, strategy_options=options, devices=devices, loras=loras
         )
         return engine.run(engine.plan(request), previews=False).latents
 
@@ -57,6 +57,11 @@ def test_lora_changes_the_clip_parastep_one_rank_equals_sequential_and_it_unload
         with_lora = latents(engine, "sequential", lora)
         parastep = latents(engine, "parastep", lora, warmup=1)
         plain_again = latents(engine, "sequential", [])
+        # Both ranks load the adapter: CFG-parallel with it equals sequential with it (each guidance
+        # half at batch size 1 rounds the last bits differently: tests/test_cfg_parallel.py).
+        cfg = latents(engine, "cfg-parallel", lora, devices="cpu:2")
+    np.testing.assert_allclose(cfg, with_lora, rtol=0, atol=1e-5 * np.abs(with_lora).max())
+    assert np.linalg.norm(cfg - plain) / np.linalg.norm(plain) > 0.01
     change = np.linalg.norm(with_lora - plain) / np.linalg.norm(plain)
     assert change > 0.01, change
     assert np.array_equal(parastep, with_lora)  # one rank: ParaStep is the sequential loop

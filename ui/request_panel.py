@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
 
 from engine.checkpoints import load_checkpoints
 from engine.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, GenerationRequest
+from ui.lora_list import LoraList
 from ui.model_info import ModelInfo
 from ui.strategy_picker import StrategyPicker
 from ui.validation import CheckResult, Validation, fix_action, fix_words
@@ -103,7 +104,7 @@ class RequestPanel(QWidget):
         super().__init__(parent)
         self._models: dict[str, ModelInfo] = {}
         self._output: str | None = None  # a folder named by a restored request (never a file)
-        self._loras: list[dict[str, Any]] = []  # LoRA adapters of a restored request (no editor yet)
+        self.lora_list = LoraList()
         self._last_model: str | None = None  # the model picked before a "not installed" entry
         self._connected = False
         self._generate_when_checked = False  # Generate pressed while an answer was on its way
@@ -205,6 +206,7 @@ class RequestPanel(QWidget):
             self.seed.textChanged,
             self.seed_mode.currentIndexChanged,
             self.strategy_picker.changed,
+            self.lora_list.changed,
             *(box.valueChanged for box in self._number_fields().values()),
         ):
             signal.connect(self._on_changed)
@@ -236,6 +238,7 @@ class RequestPanel(QWidget):
         self.form.addRow("Steps", self.steps)
         self.form.addRow("Guidance", self.guidance)
         self.form.addRow("Seed", seed_row)
+        self.form.addRow("LoRA", self.lora_list)
 
         strategy_group = QGroupBox("Strategy and devices")
         strategy_layout = QVBoxLayout(strategy_group)
@@ -351,7 +354,7 @@ class RequestPanel(QWidget):
             strategy_options=options,
             devices=devices,
             output=self._output,
-            loras=[dict(lora) for lora in self._loras],
+            loras=self.lora_list.value(),
             **values,
         )
 
@@ -367,7 +370,7 @@ class RequestPanel(QWidget):
         self.seed.setText(str(request.seed))
         output = request.output
         self._output = output if output and (output.endswith("/") or Path(output).is_dir()) else None
-        self._loras = [dict(lora) for lora in request.loras]
+        self.lora_list.set_value(request.loras)
         self.strategy_picker.set_value(request.strategy, request.strategy_options, request.devices)
         self._update_context()
 

@@ -258,3 +258,23 @@ def test_window_ideal_speedup_equals_the_engines_for_every_strategy():
                     engine_value = cls.ideal_speedup(20, options, ranks)
                     window_value = strategy_ideal_speedup(described, 20, warmup, options, ranks)
                     assert window_value == pytest.approx(engine_value), (cls.name, ranks, options)
+
+
+def test_lora_list_edits_the_requests_adapters(panel, qtbot):
+    """Add, weigh and remove LoRA adapters: the request carries them, every edit is a change."""
+    changes: list[int] = []
+    panel.changed.connect(lambda: changes.append(1))
+    loras = panel.lora_list
+    loras.add("/loras/style.safetensors")
+    loras.add("/loras/detail.safetensors", 0.5)
+    assert panel.request().loras == [
+        {"path": "/loras/style.safetensors", "weight": 1.0},
+        {"path": "/loras/detail.safetensors", "weight": 0.5},
+    ]
+    loras.rows[0].slider.setValue(75)  # hundredths
+    assert loras.rows[0].value_label.text() == "0.75"
+    qtbot.mouseClick(loras.rows[1].remove_button, Qt.MouseButton.LeftButton)
+    assert panel.request().loras == [{"path": "/loras/style.safetensors", "weight": 0.75}]
+    assert len(changes) == 4  # two adds, the slider, the removal
+    panel.set_request(dataclasses.replace(panel.request(), loras=[]))
+    assert panel.request().loras == [] and not loras.rows
