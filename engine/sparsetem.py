@@ -201,7 +201,7 @@ class _ConvDiffHook(ModelHook):
                 if (ho, wo) == (nty * ts, ntx * ts)
                 else F.pad(ref_out, (0, ntx * ts - wo, 0, nty * ts - ho))
             )
-            grid = grid.expand(n, -1, -1, -1).contiguous()
+            grid = grid.repeat(n, 1, 1, 1)  # a copy even for n == 1: the reference must stay intact
             if n_active:
                 idx_n, idx_y, idx_x = active.nonzero(as_tuple=True)
                 patches = diff.unfold(2, ts + kh - 1, ts).unfold(3, ts + kw - 1, ts)[idx_n, :, idx_y, idx_x]
