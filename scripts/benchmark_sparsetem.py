@@ -85,7 +85,13 @@ def measure(
     return row
 
 
-def configs(quick: bool) -> list[SparseTemConfig]:
+def configs(quick: bool, best: bool = False) -> list[SparseTemConfig]:
+    if best:  # the best points of the full sweep, for a rerun with more runs
+        return [
+            SparseTemConfig(threshold=0.0, dense_above=0.0),
+            SparseTemConfig(threshold=0.3, reference="session"),
+            SparseTemConfig(threshold=1.0, reference="session", tile=4),
+        ]
     # dense_above=0: every layer runs its dense fall-back, i.e. the same convs with the time taps folded
     # into channels (conv2d) but no skipping: separates the fold's gain from the sparsity's
     out = [
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="fewer configurations and clips")
+    parser.add_argument("--best", action="store_true", help="only the best points of the full sweep")
     parser.add_argument("--only", choices=["shapes", "procedural", "tiny"], nargs="+")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             results["shapes"] = {}
             for prompt, z in zip(prompts, engine_latents(prompts, seed=0), strict=True):
                 print(f"(a) shapes, engine latents {list(z.shape)}: {prompt}")
-                rows = [measure(vae, z, cfg, args.runs) for cfg in configs(args.quick)]
+                rows = [measure(vae, z, cfg, args.runs) for cfg in configs(args.quick, args.best)]
                 for row in rows:
                     print(fmt(row))
                 results["shapes"][prompt] = rows
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             for size in args.sizes:
                 z = procedural_latents(vae, size, args.frames, seed=size)
                 print(f"(b) procedural clip {size}x{size}x{args.frames}, latents {list(z.shape)}")
-                rows = [measure(vae, z, cfg, args.runs) for cfg in configs(args.quick)]
+                rows = [measure(vae, z, cfg, args.runs) for cfg in configs(args.quick, args.best)]
                 for row in rows:
                     print(fmt(row))
                 results["procedural"][size] = rows
