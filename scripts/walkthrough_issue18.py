@@ -1,7 +1,7 @@
 """A walk-through of issue 18's findings in the real window and engine, under Xvfb: saves
 docs/screenshots/issue18-*.png to look at.
 
-    .venv/bin/python scripts/walkthrough_issue18.py [--out docs/screenshots]
+    .venv/bin/python -m scripts.walkthrough_issue18 [--out docs/screenshots]
 
 A queue job is left from "last time" (the window opens with it paused), then the request is made
 invalid in the ways the walk-through found (1000 frames, cfg-parastep on one worker, Compare on
@@ -11,7 +11,6 @@ cpu:99) and each state is captured, with the About box last. Nothing of the user
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
@@ -19,14 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.protocol import GenerationRequest
+from scripts import screenshots
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from engine.protocol import GenerationRequest  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("screenshots", REPO / "scripts" / "screenshots.py")
-screenshots = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(screenshots)
 
 REQUEST = GenerationRequest(
     model="tiny-cogvideox",
@@ -140,6 +135,13 @@ def walk(out: Path, work: Path) -> int:
         lab.rows[1].devices.showPopup()
         save("issue18-compare-devices.png", whole_screen=True)
         lab.rows[1].devices.hidePopup()
+
+        # A new family (issue 15): an audio model's request shows its length, not frames; a LoRA row.
+        window.tabs.setCurrentIndex(0)
+        panel.set_request(GenerationRequest(model="tiny-stable-audio", prompt="rain on a tin roof", steps=8))
+        panel.lora_list.add("/loras/style.safetensors", 0.8)
+        wait_until(checked, 60, "the audio model's check")
+        save("issue15-stable-audio-request.png")
 
         help_menu = next(a.menu() for a in window.menuBar().actions() if a.text() == "&Help")
         next(a for a in help_menu.actions() if a.text().startswith("About")).trigger()
