@@ -73,6 +73,19 @@ def start_xvfb() -> tuple[subprocess.Popen, str]:
     return server, f":{number}"
 
 
+def isolate(work: Path) -> None:
+    """Settings, caches, queue and clips of this run in `work`: nothing of the user's is touched."""
+    os.environ.update(
+        {
+            "XDG_CONFIG_HOME": str(work / "config"),
+            "XDG_CACHE_HOME": str(work / "cache"),
+            "PARASTEP_STATE_DIR": str(work / "state"),
+            "PARASTEP_OUTPUT_DIR": str(work / "clips"),
+            "QT_LOGGING_RULES": "qt.multimedia.*=false",
+        }
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "docs" / "screenshots"), help="where the PNGs go")
@@ -87,15 +100,7 @@ def main() -> int:
         os.environ["DISPLAY"] = display
         os.environ["QT_QPA_PLATFORM"] = "xcb"
     work = Path(tempfile.mkdtemp(prefix="parastep-screenshots-"))
-    os.environ.update(
-        {
-            "XDG_CONFIG_HOME": str(work / "config"),
-            "XDG_CACHE_HOME": str(work / "cache"),
-            "PARASTEP_STATE_DIR": str(work / "state"),
-            "PARASTEP_OUTPUT_DIR": str(work / "clips"),
-            "QT_LOGGING_RULES": "qt.multimedia.*=false",
-        }
-    )
+    isolate(work)
     try:
         return capture(out, work)
     finally:

@@ -44,15 +44,7 @@ def main() -> int:
     xvfb, display = screenshots.start_xvfb()
     os.environ.update({"DISPLAY": display, "QT_QPA_PLATFORM": "xcb"})
     work = Path(tempfile.mkdtemp(prefix="parastep-walkthrough-"))
-    os.environ.update(
-        {
-            "XDG_CONFIG_HOME": str(work / "config"),
-            "XDG_CACHE_HOME": str(work / "cache"),
-            "PARASTEP_STATE_DIR": str(work / "state"),
-            "PARASTEP_OUTPUT_DIR": str(work / "clips"),
-            "QT_LOGGING_RULES": "qt.multimedia.*=false",
-        }
-    )
+    screenshots.isolate(work)
     try:
         return walk(out, work)
     finally:
