@@ -196,6 +196,12 @@ class LatentRows:
     per_row: float
 
 
+def causal_video_preview(frames: Any, temporal: int) -> tuple[Any, list[int]]:
+    """Latent frames [F, C, h, w] as preview images and the output frame each shows: a causal video
+    VAE maps latent frame 0 to frame 0 and latent frame f to frames t*f-t+1 .. t*f (t = `temporal`)."""
+    return frames, [0] + [temporal * f for f in range(1, frames.shape[0])]
+
+
 def transformer_blocks(denoiser: Any) -> list[tuple[str, Any]]:
     """A DiT's blocks: its top-level `transformer_blocks`."""
     return [(f"transformer_blocks.{i}", b) for i, b in enumerate(denoiser.transformer_blocks)]

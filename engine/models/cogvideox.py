@@ -10,6 +10,7 @@ from engine.catalog import ModelEntry, component_config
 from engine.models.base import (
     FamilyAdapter,
     LatentRows,
+    causal_video_preview,
     check_video_size,
     to_uint8_frames,
     transformer_blocks,
@@ -61,9 +62,7 @@ class CogVideoXAdapter(FamilyAdapter):
         return to_uint8_frames(frames)
 
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
-        latent_frames = x0.shape[1]
-        # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
-        return x0[0], [0] + [4 * f for f in range(1, latent_frames)]
+        return causal_video_preview(x0[0], 4)  # [B, F, C, H, W]; CogVideoX's VAE: 4 frames a latent
 
     def denoiser_blocks(self, denoiser: Any) -> list[tuple[str, Any]]:
         return transformer_blocks(denoiser)

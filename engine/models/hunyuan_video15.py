@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine.catalog import ModelEntry, component_config
-from engine.models.base import FamilyAdapter, check_video_size, to_uint8_frames
+from engine.models.base import FamilyAdapter, causal_video_preview, check_video_size, to_uint8_frames
 from engine.protocol import GenerationRequest
 
 
@@ -90,6 +90,4 @@ class HunyuanVideo15Adapter(FamilyAdapter):
         return latents[:, :, :1]  # [B, C, F, H, W]
 
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
-        latent_frames = x0.shape[2]
-        # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
-        return x0[0].transpose(0, 1), [0] + [4 * f for f in range(1, latent_frames)]
+        return causal_video_preview(x0[0].transpose(0, 1), 4)  # [B, C, F, H, W]; its VAE: 4 frames

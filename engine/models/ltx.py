@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.catalog import ModelEntry, component_config
-from engine.models.base import FamilyAdapter, check_video_size, to_uint8_frames
+from engine.models.base import FamilyAdapter, causal_video_preview, check_video_size, to_uint8_frames
 from engine.protocol import GenerationRequest
 
 # Timestep-conditioned decoders (LTX-Video 0.9.1 and later): the diffusers LTX-Video guide recommends
@@ -160,9 +160,7 @@ class LTXAdapter(FamilyAdapter):
 
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
         x = self.unpack(x0, self._require_grid())
-        latent_frames = x.shape[2]
-        # The causal VAE: latent frame 0 is frame 0, latent frame f covers frames 8f-7 .. 8f.
-        return x[0].transpose(0, 1), [0] + [self._temporal * f for f in range(1, latent_frames)]
+        return causal_video_preview(x[0].transpose(0, 1), self._temporal)
 
     def _require_grid(self) -> tuple[int, int, int, int, int]:
         if self._grid is None:

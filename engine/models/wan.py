@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from engine.catalog import ModelEntry, component_config, read_model_json
-from engine.models.base import FamilyAdapter, check_video_size, load_image, to_uint8_frames
+from engine.models.base import (
+    FamilyAdapter,
+    causal_video_preview,
+    check_video_size,
+    load_image,
+    to_uint8_frames,
+)
 from engine.protocol import GenerationRequest
 
 
@@ -85,9 +91,7 @@ class WanAdapter(FamilyAdapter):
         return x0[:, :, :1]  # the first latent frame of [B, C, F, H, W]
 
     def preview_images(self, x0: Any) -> tuple[Any, list[int]]:
-        latent_frames = x0.shape[2]
-        # The causal VAE maps latent frame 0 to frame 0 and latent frame f to frames 4f-3 .. 4f.
-        return x0[0].transpose(0, 1), [0] + [4 * f for f in range(1, latent_frames)]
+        return causal_video_preview(x0[0].transpose(0, 1), 4)  # [B, C, F, H, W]; Wan's VAE: 4 frames
 
 
 class WanImageToVideoAdapter(WanAdapter):
